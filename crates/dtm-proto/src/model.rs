@@ -1,0 +1,248 @@
+//! Stored records, serialised as dtm's `TransGlobalStore` / `TransBranchStore`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Per-transaction options, stored as JSON in the `options` column exactly as dtm writes
+/// them: every key omitted when empty except `concurrent`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TransOptions {
+    #[serde(skip_serializing_if = "is_false")]
+    pub wait_result: bool,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub timeout_to_fail: i64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub request_timeout: i64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub retry_interval: i64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub branch_headers: BTreeMap<String, String>,
+    pub concurrent: bool,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub retry_limit: i64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub retry_count: i64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+impl TransOptions {
+    /// The JSON stored in the `options` column.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{\"concurrent\":false}".to_string())
+    }
+
+    /// Decode the `options` column; an empty or unreadable value gives the defaults.
+    pub fn from_json(s: &str) -> TransOptions {
+        if s.is_empty() {
+            return TransOptions::default();
+        }
+        serde_json::from_str(s).unwrap_or_default()
+    }
+}
+
+/// A global transaction as stored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TransGlobal {
+    pub id: i64,
+    pub gid: String,
+    pub trans_type: String,
+    pub status: String,
+    pub query_prepared: String,
+    pub protocol: String,
+    pub create_time: Option<DateTime<Utc>>,
+    pub update_time: Option<DateTime<Utc>>,
+    pub finish_time: Option<DateTime<Utc>>,
+    pub rollback_time: Option<DateTime<Utc>>,
+    pub options: String,
+    pub custom_data: String,
+    pub next_cron_interval: i64,
+    pub next_cron_time: Option<DateTime<Utc>>,
+    pub owner: String,
+    pub ext_data: String,
+    pub result: String,
+    pub rollback_reason: String,
+}
+
+impl TransGlobal {
+    pub fn trans_options(&self) -> TransOptions {
+        TransOptions::from_json(&self.options)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        crate::status::is_final(&self.status)
+    }
+}
+
+/// One (branch, op) row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Branch {
+    pub id: i64,
+    pub gid: String,
+    pub url: String,
+    pub bin_data: Vec<u8>,
+    pub branch_id: String,
+    pub op: String,
+    pub status: String,
+    pub create_time: Option<DateTime<Utc>>,
+    pub update_time: Option<DateTime<Utc>>,
+    pub finish_time: Option<DateTime<Utc>>,
+    pub rollback_time: Option<DateTime<Utc>>,
+}
+
+/// dtm writes times as RFC 3339 with sub-second digits when present.
+pub fn format_time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+struct Time<'a>(&'a Option<DateTime<Utc>>);
+
+impl Serialize for Time<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(t) => s.serialize_str(&format_time(t)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl Serialize for TransGlobal {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &self.id)?;
+        m.serialize_entry("create_time", &Time(&self.create_time))?;
+        m.serialize_entry("update_time", &Time(&self.update_time))?;
+        let strs = [
+            ("gid", &self.gid),
+            ("trans_type", &self.trans_type),
+            ("status", &self.status),
+            ("query_prepared", &self.query_prepared),
+            ("protocol", &self.protocol),
+        ];
+        for (k, v) in strs {
+            if !v.is_empty() {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        if self.finish_time.is_some() {
+            m.serialize_entry("finish_time", &Time(&self.finish_time))?;
+        }
+        if self.rollback_time.is_some() {
+            m.serialize_entry("rollback_time", &Time(&self.rollback_time))?;
+        }
+        let strs = [
+            ("result", &self.result),
+            ("rollback_reason", &self.rollback_reason),
+            ("options", &self.options),
+            ("custom_data", &self.custom_data),
+        ];
+        for (k, v) in strs {
+            if !v.is_empty() {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        if self.next_cron_interval != 0 {
+            m.serialize_entry("next_cron_interval", &self.next_cron_interval)?;
+        }
+        if self.next_cron_time.is_some() {
+            m.serialize_entry("next_cron_time", &Time(&self.next_cron_time))?;
+        }
+        if !self.owner.is_empty() {
+            m.serialize_entry("owner", &self.owner)?;
+        }
+        if !self.ext_data.is_empty() {
+            m.serialize_entry("ext_data", &self.ext_data)?;
+        }
+        // dtm embeds the options inline as well; `concurrent` is always present.
+        let o = self.trans_options();
+        if o.wait_result {
+            m.serialize_entry("wait_result", &true)?;
+        }
+        for (k, v) in [
+            ("timeout_to_fail", o.timeout_to_fail),
+            ("request_timeout", o.request_timeout),
+            ("retry_interval", o.retry_interval),
+        ] {
+            if v != 0 {
+                m.serialize_entry(k, &v)?;
+            }
+        }
+        if !o.branch_headers.is_empty() {
+            m.serialize_entry("branch_headers", &o.branch_headers)?;
+        }
+        m.serialize_entry("concurrent", &o.concurrent)?;
+        if o.retry_limit != 0 {
+            m.serialize_entry("retry_limit", &o.retry_limit)?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for Branch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &self.id)?;
+        m.serialize_entry("create_time", &Time(&self.create_time))?;
+        m.serialize_entry("update_time", &Time(&self.update_time))?;
+        m.serialize_entry("gid", &self.gid)?;
+        m.serialize_entry("url", &self.url)?;
+        if !self.bin_data.is_empty() {
+            m.serialize_entry("bin_data", &crate::base64_encode(&self.bin_data))?;
+        }
+        m.serialize_entry("branch_id", &self.branch_id)?;
+        m.serialize_entry("op", &self.op)?;
+        m.serialize_entry("status", &self.status)?;
+        if self.finish_time.is_some() {
+            m.serialize_entry("finish_time", &Time(&self.finish_time))?;
+        }
+        if self.rollback_time.is_some() {
+            m.serialize_entry("rollback_time", &Time(&self.rollback_time))?;
+        }
+        m.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_json_matches_dtm() {
+        assert_eq!(TransOptions::default().to_json(), r#"{"concurrent":false}"#);
+        let o = TransOptions {
+            wait_result: true,
+            timeout_to_fail: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            o.to_json(),
+            r#"{"wait_result":true,"timeout_to_fail":3,"concurrent":false}"#
+        );
+        assert_eq!(TransOptions::from_json(&o.to_json()), o);
+    }
+
+    #[test]
+    fn global_json_omits_empty_fields() {
+        let g = TransGlobal {
+            gid: "g1".into(),
+            trans_type: "saga".into(),
+            status: "submitted".into(),
+            options: TransOptions::default().to_json(),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&g).unwrap_or_default();
+        assert_eq!(v["gid"], "g1");
+        assert_eq!(v["concurrent"], false);
+        assert!(v.get("rollback_reason").is_none());
+        assert!(v["create_time"].is_null());
+    }
+}

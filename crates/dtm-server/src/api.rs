@@ -1,0 +1,378 @@
+//! The HTTP API under `/api/dtmsvr`, byte-compatible with dtm's envelope: 200 with
+//! `{"dtm_result":"SUCCESS"}`, 409 FAILURE, 425 ONGOING, other errors `{"message":...}`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, delete, get, post};
+use chrono::DateTime;
+use dtm_core::store::ScanQuery;
+use dtm_core::{ApiError, Coordinator};
+use dtm_proto::{RegisterBranchRequest, TransRequest};
+use serde_json::{Value, json};
+
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub co: Arc<Coordinator>,
+    pub metrics: Arc<Metrics>,
+    pub timeout_to_fail: i64,
+}
+
+type Q = Query<HashMap<String, String>>;
+
+fn json_response(status: StatusCode, v: Value) -> Response {
+    (
+        status,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+fn success() -> Response {
+    json_response(StatusCode::OK, json!({"dtm_result": "SUCCESS"}))
+}
+
+fn error_response(e: &ApiError) -> Response {
+    match e {
+        ApiError::Failure(m) => json_response(
+            StatusCode::CONFLICT,
+            json!({"dtm_result": "FAILURE", "message": m}),
+        ),
+        ApiError::Ongoing(m) => json_response(
+            StatusCode::TOO_EARLY,
+            json!({"dtm_result": "ONGOING", "message": m}),
+        ),
+        ApiError::BadRequest(m) => json_response(StatusCode::BAD_REQUEST, json!({"message": m})),
+        ApiError::NotFound(m) => json_response(StatusCode::NOT_FOUND, json!({"message": m})),
+        ApiError::Unavailable(m) => {
+            json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"message": m}))
+        }
+        ApiError::Internal(m) => {
+            json_response(StatusCode::INTERNAL_SERVER_ERROR, json!({"message": m}))
+        }
+    }
+}
+
+fn reply(r: Result<Response, ApiError>) -> Response {
+    r.unwrap_or_else(|e| error_response(&e))
+}
+
+fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BadRequest(format!(
+                "request body too large: {e}; raise HttpMaxBodyBytes (HTTP_MAX_BODY_BYTES) if this is intended"
+            ))
+        } else {
+            ApiError::BadRequest(format!("cannot read request body: {e}"))
+        }
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "request body is empty: send a JSON object".into(),
+        ));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))
+}
+
+fn trans_req(body: Result<Bytes, BytesRejection>) -> Result<TransRequest, ApiError> {
+    TransRequest::from_json(&body_json(body)?).map_err(ApiError::BadRequest)
+}
+
+fn gid_of(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
+    let v = body_json(body)?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| ApiError::BadRequest("request body must be a JSON object".into()))?;
+    Ok(dtm_proto::escape(
+        &dtm_proto::request::str_field(o, "gid").map_err(ApiError::BadRequest)?,
+    ))
+}
+
+fn limit_of(q: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match q.get("limit").map(String::as_str) {
+        None | Some("") => Ok(100),
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0 && *n <= 10_000)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("limit must be a number from 1 to 10000, got '{s}'"))
+            }),
+    }
+}
+
+fn ms_time(
+    q: &HashMap<String, String>,
+    k: &str,
+) -> Result<Option<DateTime<chrono::Utc>>, ApiError> {
+    match q.get(k).map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(s) => {
+            let ms: i64 = s.parse().map_err(|_| {
+                ApiError::BadRequest(format!("{k} must be epoch milliseconds, got '{s}'"))
+            })?;
+            // dtm truncates to seconds
+            Ok(DateTime::from_timestamp(ms / 1000, 0))
+        }
+    }
+}
+
+async fn new_gid(State(s): State<AppState>) -> Response {
+    json_response(
+        StatusCode::OK,
+        json!({"gid": s.co.new_gid(), "dtm_result": "SUCCESS"}),
+    )
+}
+
+async fn version() -> Response {
+    json_response(StatusCode::OK, json!({"version": crate::VERSION}))
+}
+
+async fn prepare(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    reply(async { s.co.prepare(trans_req(body)?).await.map(|_| success()) }.await)
+}
+
+async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    reply(async { s.co.submit(trans_req(body)?).await.map(|_| success()) }.await)
+}
+
+async fn abort(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    reply(async { s.co.abort(trans_req(body)?).await.map(|_| success()) }.await)
+}
+
+async fn register_branch(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    reply(
+        async {
+            let req = RegisterBranchRequest::from_json(&body_json(body)?)
+                .map_err(ApiError::BadRequest)?;
+            s.co.register_branch(req).await.map(|_| success())
+        }
+        .await,
+    )
+}
+
+async fn prepare_workflow(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    reply(
+        async {
+            let r = s.co.prepare_workflow(trans_req(body)?).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                json!({"transaction": r.transaction, "progresses": r.branches}),
+            ))
+        }
+        .await,
+    )
+}
+
+async fn query(State(s): State<AppState>, Query(q): Q) -> Response {
+    reply(
+        async {
+            let gid = q.get("gid").cloned().unwrap_or_default();
+            let r = s.co.query(&gid).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                json!({"transaction": r.transaction, "branches": r.branches}),
+            ))
+        }
+        .await,
+    )
+}
+
+async fn all(State(s): State<AppState>, Query(q): Q) -> Response {
+    reply(
+        async {
+            let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+            let scan = ScanQuery {
+                position: get("position"),
+                limit: limit_of(&q)?,
+                status: get("status"),
+                trans_type: get("transType"),
+                create_time_start: ms_time(&q, "createTimeStart")?,
+                create_time_end: ms_time(&q, "createTimeEnd")?,
+            };
+            let (rows, next) = s.co.all(&get("gid"), scan).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                json!({"transactions": rows, "next_position": next}),
+            ))
+        }
+        .await,
+    )
+}
+
+async fn force_stop(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    reply(async { s.co.force_stop(&gid_of(body)?).await.map(|_| success()) }.await)
+}
+
+async fn reset_next_cron_time(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    reply(
+        async {
+            s.co.reset_next_cron_time(&gid_of(body)?)
+                .await
+                .map(|_| success())
+        }
+        .await,
+    )
+}
+
+async fn reset_cron_time(State(s): State<AppState>, Query(q): Q) -> Response {
+    reply(
+        async {
+            let timeout = match q.get("timeout").map(String::as_str) {
+                None | Some("") => 3 * s.timeout_to_fail,
+                Some(t) => t.parse::<i64>().map_err(|_| {
+                    ApiError::BadRequest(format!("timeout must be seconds, got '{t}'"))
+                })?,
+            };
+            let (count, has_remaining) = s.co.reset_cron_time(timeout, limit_of(&q)?).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                json!({"has_remaining": has_remaining, "succeed_count": count}),
+            ))
+        }
+        .await,
+    )
+}
+
+async fn subscribe(State(s): State<AppState>, Query(q): Q) -> Response {
+    let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+    reply(
+        s.co.subscribe(&get("topic"), &get("url"), &get("remark"))
+            .await
+            .map(|_| success()),
+    )
+}
+
+async fn unsubscribe(State(s): State<AppState>, Query(q): Q) -> Response {
+    let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+    reply(
+        s.co.unsubscribe(&get("topic"), &get("url"))
+            .await
+            .map(|_| success()),
+    )
+}
+
+async fn delete_topic(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    reply(s.co.delete_topic(&name).await.map(|_| success()))
+}
+
+async fn scan_kv(State(s): State<AppState>, Query(q): Q) -> Response {
+    reply(
+        async {
+            let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+            let (kv, next) =
+                s.co.scan_kv(&get("cat"), &get("position"), limit_of(&q)?)
+                    .await?;
+            Ok(json_response(
+                StatusCode::OK,
+                json!({"kv": kv, "next_position": next}),
+            ))
+        }
+        .await,
+    )
+}
+
+async fn query_kv(State(s): State<AppState>, Query(q): Q) -> Response {
+    reply(
+        async {
+            let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+            let kv = s.co.query_kv(&get("cat"), &get("key")).await?;
+            Ok(json_response(StatusCode::OK, json!({"kv": kv})))
+        }
+        .await,
+    )
+}
+
+async fn ping() -> Response {
+    json_response(StatusCode::OK, json!({"msg": "pong"}))
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    json_response(
+        StatusCode::NOT_FOUND,
+        json!({"message": format!("no route {}: the dtm API lives under /api/dtmsvr", uri.path())}),
+    )
+}
+
+async fn count(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let api = req
+        .uri()
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let resp = next.run(req).await;
+    s.metrics.count_request(&api, resp.status().as_u16() < 400);
+    resp
+}
+
+pub fn router(state: AppState, max_body: usize) -> Router {
+    let api = Router::new()
+        .route("/newGid", get(new_gid).post(new_gid))
+        .route("/version", get(version))
+        .route("/prepare", post(prepare))
+        .route("/submit", post(submit))
+        .route("/abort", post(abort))
+        .route("/registerBranch", post(register_branch))
+        .route("/registerTccBranch", post(register_branch))
+        .route("/registerXaBranch", post(register_branch))
+        .route("/prepareWorkflow", post(prepare_workflow))
+        .route("/query", get(query))
+        .route("/all", get(all))
+        .route("/forceStop", post(force_stop))
+        .route("/resetNextCronTime", post(reset_next_cron_time))
+        .route("/resetCronTime", get(reset_cron_time).post(reset_cron_time))
+        .route("/subscribe", get(subscribe).post(subscribe))
+        .route("/unsubscribe", get(unsubscribe).post(unsubscribe))
+        .route("/topic/{name}", delete(delete_topic))
+        .route("/scanKV", get(scan_kv))
+        .route("/queryKV", get(query_kv));
+    Router::new()
+        .nest("/api/dtmsvr", api)
+        .route("/api/ping", any(ping))
+        .route("/api/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}

@@ -1,0 +1,105 @@
+//! The `dtm` server: configuration, the HTTP API, branch callers, recovery, and the
+//! wiring that starts and stops them.
+
+pub mod api;
+pub mod caller;
+pub mod config;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dtm_core::{Coordinator, Settings, Store};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+
+/// Reported by `/api/dtmsvr/version`.
+pub const VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"));
+
+/// A running server.
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub coordinator: Arc<Coordinator>,
+    stop: watch::Sender<bool>,
+    http: JoinHandle<()>,
+    recovery: JoinHandle<()>,
+}
+
+/// Everything needed to start a server, independent of where the values came from.
+pub struct Options {
+    pub settings: Settings,
+    pub max_body: usize,
+}
+
+/// Open the store a configuration names.
+pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match cfg.driver() {
+        "sqlite" => {
+            let sync = if cfg.str("Store.Synchronous").eq_ignore_ascii_case("normal") {
+                dtm_store::SqliteSync::Normal
+            } else {
+                dtm_store::SqliteSync::Full
+            };
+            let s = dtm_store::SqliteStore::open(&cfg.store_file(), sync)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(Arc::new(s))
+        }
+        other => anyhow::bail!("store driver {other} is not available in this build"),
+    }
+}
+
+impl Server {
+    /// Start the HTTP API and the recovery loop on an already bound listener.
+    pub async fn start(
+        opts: Options,
+        store: Arc<dyn Store>,
+        listener: TcpListener,
+    ) -> anyhow::Result<Server> {
+        let caller = Arc::new(caller::HttpCaller::new()?);
+        let timeout_to_fail = opts.settings.timeout_to_fail;
+        let co = Arc::new(Coordinator::new(store, caller, opts.settings));
+        let (stop, stop_rx) = watch::channel(false);
+        let state = api::AppState {
+            co: Arc::clone(&co),
+            metrics: Arc::new(metrics::Metrics::default()),
+            timeout_to_fail,
+        };
+        let app = api::router(state, opts.max_body);
+        let http_addr = listener.local_addr()?;
+        let mut http_stop = stop_rx.clone();
+        let http = tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("HTTP server failed: {e}");
+            }
+        });
+        let recovery = tokio::spawn(dtm_core::recovery::run(Arc::clone(&co), stop_rx));
+        Ok(Server {
+            http_addr,
+            coordinator: co,
+            stop,
+            http,
+            recovery,
+        })
+    }
+
+    /// Stop taking requests, let running passes finish (up to `grace`), flush the store.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let _ = self.http.await;
+        let _ = self.recovery.await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.coordinator.inflight_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.coordinator.store().close().await;
+    }
+}

@@ -1,0 +1,42 @@
+//! A small Prometheus registry: request counters by API and outcome, served at
+//! `/api/metrics` in the text exposition format.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+impl Metrics {
+    pub fn count_request(&self, api: &str, ok: bool) {
+        if let Ok(mut m) = self.requests.lock() {
+            // bound the label set: only known APIs keep their name
+            let api = if api.len() <= 32 && api.chars().all(|c| c.is_ascii_alphanumeric()) {
+                api.to_string()
+            } else {
+                "other".to_string()
+            };
+            *m.entry((api, if ok { "ok" } else { "fail" })).or_default() += 1;
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP dtm_server_info The information of this dtm server.\n# TYPE dtm_server_info gauge\n");
+        out.push_str(&format!(
+            "dtm_server_info{{version=\"{}\"}} 1\n",
+            crate::VERSION
+        ));
+        out.push_str("# HELP dtm_server_process_total All requests received by dtm\n# TYPE dtm_server_process_total counter\n");
+        if let Ok(m) = self.requests.lock() {
+            for ((api, status), n) in m.iter() {
+                out.push_str(&format!(
+                    "dtm_server_process_total{{type=\"http\",api=\"{api}\",status=\"{status}\"}} {n}\n"
+                ));
+            }
+        }
+        out
+    }
+}

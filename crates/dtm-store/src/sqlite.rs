@@ -1,0 +1,685 @@
+//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`.
+//!
+//! Writes go to one writer thread that owns the only write connection. It takes every
+//! write waiting in its queue (up to `MAX_BATCH`), applies them in one SQLite transaction,
+//! each op inside its own savepoint so that one op's failure does not undo the others,
+//! commits once (one fsync for the whole batch), then answers each waiter. Under load
+//! hundreds of changes share a commit; at low load a write costs one commit.
+//! Reads use a small pool of read-only connections, which WAL lets run beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use dtm_core::store::{
+    BranchUpdate, GlobalUpdate, Kv, ScanQuery, Store, StoreError, WriteOp, WriteOutcome,
+};
+use dtm_proto::{Branch, TransGlobal};
+use rusqlite::types::Value as Sql;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
+use tokio::sync::{mpsc, oneshot};
+
+const MAX_BATCH: usize = 512;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS trans_global (
+  id INTEGER PRIMARY KEY,
+  gid TEXT NOT NULL UNIQUE,
+  trans_type TEXT NOT NULL,
+  status TEXT NOT NULL,
+  query_prepared TEXT NOT NULL DEFAULT '',
+  protocol TEXT NOT NULL DEFAULT '',
+  create_time INTEGER,
+  update_time INTEGER,
+  finish_time INTEGER,
+  rollback_time INTEGER,
+  options TEXT NOT NULL DEFAULT '',
+  custom_data TEXT NOT NULL DEFAULT '',
+  next_cron_interval INTEGER,
+  next_cron_time INTEGER,
+  owner TEXT NOT NULL DEFAULT '',
+  ext_data TEXT NOT NULL DEFAULT '',
+  result TEXT NOT NULL DEFAULT '',
+  rollback_reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS trans_global_due ON trans_global(next_cron_time)
+  WHERE status IN ('prepared', 'submitted', 'aborting');
+CREATE INDEX IF NOT EXISTS trans_global_create_time ON trans_global(create_time);
+CREATE TABLE IF NOT EXISTS trans_branch_op (
+  id INTEGER PRIMARY KEY,
+  gid TEXT NOT NULL,
+  url TEXT NOT NULL,
+  bin_data BLOB,
+  branch_id TEXT NOT NULL,
+  op TEXT NOT NULL,
+  status TEXT NOT NULL,
+  finish_time INTEGER,
+  rollback_time INTEGER,
+  create_time INTEGER,
+  update_time INTEGER,
+  UNIQUE (gid, branch_id, op)
+);
+CREATE TABLE IF NOT EXISTS kv (
+  id INTEGER PRIMARY KEY,
+  cat TEXT NOT NULL,
+  k TEXT NOT NULL,
+  v TEXT,
+  version INTEGER DEFAULT 1,
+  create_time INTEGER,
+  update_time INTEGER,
+  UNIQUE (cat, k)
+);
+"#;
+
+const GLOBAL_COLS: &str = "id, gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason";
+const BRANCH_COLS: &str = "id, gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time";
+const KV_COLS: &str = "id, cat, k, v, version, create_time, update_time";
+const UNFINISHED: &str = "status IN ('prepared', 'submitted', 'aborting')";
+
+fn ms(t: &Option<DateTime<Utc>>) -> Option<i64> {
+    t.map(|t| t.timestamp_millis())
+}
+
+fn time(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.and_then(DateTime::from_timestamp_millis)
+}
+
+fn global_from_row(r: &Row<'_>) -> rusqlite::Result<TransGlobal> {
+    Ok(TransGlobal {
+        id: r.get(0)?,
+        gid: r.get(1)?,
+        trans_type: r.get(2)?,
+        status: r.get(3)?,
+        query_prepared: r.get(4)?,
+        protocol: r.get(5)?,
+        create_time: time(r.get(6)?),
+        update_time: time(r.get(7)?),
+        finish_time: time(r.get(8)?),
+        rollback_time: time(r.get(9)?),
+        options: r.get(10)?,
+        custom_data: r.get(11)?,
+        next_cron_interval: r.get::<_, Option<i64>>(12)?.unwrap_or(0),
+        next_cron_time: time(r.get(13)?),
+        owner: r.get(14)?,
+        ext_data: r.get(15)?,
+        result: r.get(16)?,
+        rollback_reason: r.get(17)?,
+    })
+}
+
+fn branch_from_row(r: &Row<'_>) -> rusqlite::Result<Branch> {
+    Ok(Branch {
+        id: r.get(0)?,
+        gid: r.get(1)?,
+        url: r.get(2)?,
+        bin_data: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
+        branch_id: r.get(4)?,
+        op: r.get(5)?,
+        status: r.get(6)?,
+        finish_time: time(r.get(7)?),
+        rollback_time: time(r.get(8)?),
+        create_time: time(r.get(9)?),
+        update_time: time(r.get(10)?),
+    })
+}
+
+fn kv_from_row(r: &Row<'_>) -> rusqlite::Result<Kv> {
+    Ok(Kv {
+        id: r.get(0)?,
+        cat: r.get(1)?,
+        k: r.get(2)?,
+        v: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+        version: r.get::<_, Option<i64>>(4)?.unwrap_or(1),
+        create_time: time(r.get(5)?),
+        update_time: time(r.get(6)?),
+    })
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && f.code == rusqlite::ErrorCode::ConstraintViolation
+    {
+        return StoreError::UniqueConflict;
+    }
+    StoreError::Unavailable(format!("sqlite: {e}"))
+}
+
+struct Job {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+}
+
+/// Durability of commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// fsync at every commit (default): nothing acknowledged is lost on power loss.
+    Full,
+    /// fsync at checkpoints only: faster; survives a process crash, may lose the last
+    /// commits on power loss.
+    Normal,
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl SqliteStore {
+    /// Open (and create) the store file.
+    pub fn open(path: &Path, sync: Sync) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let sync_sql = match sync {
+            Sync::Full => "FULL",
+            Sync::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync_sql}; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=OFF;"
+        ))
+        .map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = std::thread::Builder::new()
+            .name("dtm-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(handle)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let path = self.path.clone();
+        let pool = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.lock().ok().and_then(|mut p| p.pop());
+            let conn = match conn {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open_with_flags(
+                        &path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .map_err(db_err)?;
+                    c.execute_batch("PRAGMA busy_timeout=5000;")
+                        .map_err(db_err)?;
+                    c
+                }
+            };
+            let out = f(&conn).map_err(db_err);
+            if let Ok(mut p) = pool.lock()
+                && p.len() < 16
+            {
+                p.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let results = apply_batch(&mut conn, &batch);
+        for (job, r) in batch.into_iter().zip(results) {
+            let _ = job.reply.send(r);
+        }
+    }
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+}
+
+fn apply_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<WriteOutcome, StoreError>> {
+    let fail_all = |e: StoreError| batch.iter().map(|_| Err(e.clone())).collect();
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(db_err(e)),
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let r = match tx.execute_batch("SAVEPOINT op") {
+            Err(e) => Err(db_err(e)),
+            Ok(()) => {
+                let r = apply_one(&tx, &job.op);
+                let end = if r.is_err() {
+                    "ROLLBACK TO op; RELEASE op"
+                } else {
+                    "RELEASE op"
+                };
+                match tx.execute_batch(end) {
+                    Ok(()) => r,
+                    Err(e) => Err(db_err(e)),
+                }
+            }
+        };
+        results.push(r);
+    }
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => fail_all(db_err(e)),
+    }
+}
+
+fn insert_branches(c: &Connection, branches: &[Branch]) -> Result<(), StoreError> {
+    let mut stmt = c
+        .prepare_cached(
+            "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .map_err(db_err)?;
+    for b in branches {
+        stmt.execute(params![
+            b.gid,
+            b.url,
+            b.bin_data,
+            b.branch_id,
+            b.op,
+            b.status,
+            ms(&b.finish_time),
+            ms(&b.rollback_time),
+            ms(&b.create_time),
+            ms(&b.update_time)
+        ])
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn update_branches(c: &Connection, gid: &str, ups: &[BranchUpdate]) -> Result<(), StoreError> {
+    let mut stmt = c
+        .prepare_cached(
+            "UPDATE trans_branch_op SET status = ?1, finish_time = ?2, update_time = ?2 WHERE gid = ?3 AND branch_id = ?4 AND op = ?5",
+        )
+        .map_err(db_err)?;
+    for u in ups {
+        stmt.execute(params![
+            u.status,
+            u.time.timestamp_millis(),
+            gid,
+            u.branch_id,
+            u.op
+        ])
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+    match op {
+        WriteOp::SaveNew {
+            global: g,
+            branches,
+        } => {
+            let n = c
+                .prepare_cached(
+                    "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) ON CONFLICT (gid) DO NOTHING",
+                )
+                .map_err(db_err)?
+                .execute(params![
+                    g.gid,
+                    g.trans_type,
+                    g.status,
+                    g.query_prepared,
+                    g.protocol,
+                    ms(&g.create_time),
+                    ms(&g.update_time),
+                    ms(&g.finish_time),
+                    ms(&g.rollback_time),
+                    g.options,
+                    g.custom_data,
+                    g.next_cron_interval,
+                    ms(&g.next_cron_time),
+                    g.owner,
+                    g.ext_data,
+                    g.result,
+                    g.rollback_reason
+                ])
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::UniqueConflict);
+            }
+            insert_branches(c, branches)?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::AddBranches {
+            gid,
+            expect_status,
+            branches,
+        } => {
+            let st: Option<String> = c
+                .prepare_cached("SELECT status FROM trans_global WHERE gid = ?1")
+                .map_err(db_err)?
+                .query_row(params![gid], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            if st.as_deref() != Some(expect_status.as_str()) {
+                return Err(StoreError::NotFound);
+            }
+            insert_branches(c, branches)?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::UpdateGlobal {
+            gid,
+            expect_status,
+            expect_owner,
+            set,
+            branches,
+        } => {
+            let (sql, mut vals) = update_sql(set);
+            let mut sql = format!("UPDATE trans_global SET {sql} WHERE gid = ? AND status = ?");
+            vals.push(Sql::Text(gid.clone()));
+            vals.push(Sql::Text(expect_status.clone()));
+            if let Some(o) = expect_owner {
+                sql.push_str(" AND owner = ?");
+                vals.push(Sql::Text(o.clone()));
+            }
+            let n = c
+                .prepare_cached(&sql)
+                .map_err(db_err)?
+                .execute(params_from_iter(vals))
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            update_branches(c, gid, branches)?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::ResetNextCronTime { gid, now } => {
+            let n = c
+                .prepare_cached(
+                    "UPDATE trans_global SET next_cron_time = ?1, update_time = ?1 WHERE gid = ?2",
+                )
+                .map_err(db_err)?
+                .execute(params![now.timestamp_millis(), gid])
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::ClaimDue {
+            now,
+            limit,
+            lease_until,
+            owner,
+        } => {
+            let sql = format!(
+                "UPDATE trans_global SET owner = ?1, next_cron_time = ?2, update_time = ?3 WHERE id IN (SELECT id FROM trans_global WHERE {UNFINISHED} AND next_cron_time <= ?3 ORDER BY next_cron_time LIMIT ?4) RETURNING {GLOBAL_COLS}"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        owner,
+                        lease_until.timestamp_millis(),
+                        now.timestamp_millis(),
+                        *limit as i64
+                    ],
+                    global_from_row,
+                )
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            Ok(WriteOutcome::Claimed(rows))
+        }
+        WriteOp::ResetCronTime { after, now, limit } => {
+            let sql = format!(
+                "UPDATE trans_global SET next_cron_time = ?1, update_time = ?1 WHERE id IN (SELECT id FROM trans_global WHERE {UNFINISHED} AND next_cron_time > ?2 LIMIT ?3)"
+            );
+            let count = c
+                .prepare_cached(&sql)
+                .map_err(db_err)?
+                .execute(params![
+                    now.timestamp_millis(),
+                    after.timestamp_millis(),
+                    *limit as i64
+                ])
+                .map_err(db_err)? as i64;
+            let more: i64 = c
+                .prepare_cached(&format!(
+                    "SELECT EXISTS (SELECT 1 FROM trans_global WHERE {UNFINISHED} AND next_cron_time > ?1)"
+                ))
+                .map_err(db_err)?
+                .query_row(params![after.timestamp_millis()], |r| r.get(0))
+                .map_err(db_err)?;
+            Ok(WriteOutcome::Reset {
+                count,
+                has_remaining: more != 0,
+            })
+        }
+        WriteOp::CreateKv { cat, k, v, now } => {
+            let n = c
+                .prepare_cached("INSERT INTO kv (cat, k, v, version, create_time, update_time) VALUES (?1, ?2, ?3, 1, ?4, ?4) ON CONFLICT (cat, k) DO NOTHING")
+                .map_err(db_err)?
+                .execute(params![cat, k, v, now.timestamp_millis()])
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::UniqueConflict);
+            }
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::UpdateKv {
+            cat,
+            k,
+            v,
+            version,
+            now,
+        } => {
+            let n = c
+                .prepare_cached("UPDATE kv SET v = ?1, version = version + 1, update_time = ?2 WHERE cat = ?3 AND k = ?4 AND version = ?5")
+                .map_err(db_err)?
+                .execute(params![v, now.timestamp_millis(), cat, k, version])
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::DeleteKv { cat, k } => {
+            let n = c
+                .prepare_cached("DELETE FROM kv WHERE cat = ?1 AND k = ?2")
+                .map_err(db_err)?
+                .execute(params![cat, k])
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(WriteOutcome::Done)
+        }
+    }
+}
+
+fn update_sql(u: &GlobalUpdate) -> (String, Vec<Sql>) {
+    let mut cols = vec!["update_time = ?".to_string()];
+    let mut vals = vec![Sql::Integer(u.update_time.timestamp_millis())];
+    let mut text = |name: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            cols.push(format!("{name} = ?"));
+            vals.push(Sql::Text(v.clone()));
+        }
+    };
+    text("status", &u.status);
+    text("rollback_reason", &u.rollback_reason);
+    text("result", &u.result);
+    text("custom_data", &u.custom_data);
+    text("owner", &u.owner);
+    for (name, t) in [
+        ("finish_time", &u.finish_time),
+        ("rollback_time", &u.rollback_time),
+        ("next_cron_time", &u.next_cron_time),
+    ] {
+        if let Some(t) = t {
+            cols.push(format!("{name} = ?"));
+            vals.push(Sql::Integer(t.timestamp_millis()));
+        }
+    }
+    if let Some(i) = u.next_cron_interval {
+        cols.push("next_cron_interval = ?".into());
+        vals.push(Sql::Integer(i));
+    }
+    (cols.join(", "), vals)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    async fn find_global(&self, gid: &str) -> Result<Option<TransGlobal>, StoreError> {
+        let gid = gid.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {GLOBAL_COLS} FROM trans_global WHERE gid = ?1"
+            ))?
+            .query_row(params![gid], global_from_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn find_branches(&self, gid: &str) -> Result<Vec<Branch>, StoreError> {
+        let gid = gid.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {BRANCH_COLS} FROM trans_branch_op WHERE gid = ?1 ORDER BY id"
+            ))?
+            .query_map(params![gid], branch_from_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn scan_globals(&self, q: &ScanQuery) -> Result<(Vec<TransGlobal>, String), StoreError> {
+        let q = q.clone();
+        self.read(move |c| {
+            let mut sql = format!("SELECT {GLOBAL_COLS} FROM trans_global WHERE id < ?");
+            let pos = q.position.parse::<i64>().unwrap_or(i64::MAX);
+            let mut vals = vec![Sql::Integer(pos)];
+            if !q.status.is_empty() {
+                sql.push_str(" AND status = ?");
+                vals.push(Sql::Text(q.status.clone()));
+            }
+            if !q.trans_type.is_empty() {
+                sql.push_str(" AND trans_type = ?");
+                vals.push(Sql::Text(q.trans_type.clone()));
+            }
+            if let Some(t) = q.create_time_start {
+                sql.push_str(" AND create_time >= ?");
+                vals.push(Sql::Integer(t.timestamp_millis()));
+            }
+            if let Some(t) = q.create_time_end {
+                sql.push_str(" AND create_time <= ?");
+                vals.push(Sql::Integer(t.timestamp_millis()));
+            }
+            sql.push_str(" ORDER BY id DESC LIMIT ?");
+            vals.push(Sql::Integer(q.limit as i64));
+            let rows: Vec<TransGlobal> = c
+                .prepare(&sql)?
+                .query_map(params_from_iter(vals), global_from_row)?
+                .collect::<Result<_, _>>()?;
+            let next = if rows.len() == q.limit {
+                rows.last().map(|r| r.id.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok((rows, next))
+        })
+        .await
+    }
+
+    async fn scan_kv(
+        &self,
+        cat: &str,
+        position: &str,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, String), StoreError> {
+        let cat = cat.to_string();
+        let pos = position.parse::<i64>().unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let rows: Vec<Kv> = c
+                .prepare_cached(&format!(
+                    "SELECT {KV_COLS} FROM kv WHERE cat = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
+                ))?
+                .query_map(params![cat, pos, limit as i64], kv_from_row)?
+                .collect::<Result<_, _>>()?;
+            let next = if rows.len() == limit {
+                rows.last().map(|r| r.id.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok((rows, next))
+        })
+        .await
+    }
+
+    async fn find_kv(&self, cat: &str, k: Option<&str>) -> Result<Vec<Kv>, StoreError> {
+        let cat = cat.to_string();
+        let k = k.map(str::to_string);
+        self.read(move |c| match k {
+            Some(k) => c
+                .prepare_cached(&format!(
+                    "SELECT {KV_COLS} FROM kv WHERE cat = ?1 AND k = ?2"
+                ))?
+                .query_map(params![cat, k], kv_from_row)?
+                .collect(),
+            None => c
+                .prepare_cached(&format!(
+                    "SELECT {KV_COLS} FROM kv WHERE cat = ?1 ORDER BY id"
+                ))?
+                .query_map(params![cat], kv_from_row)?
+                .collect(),
+        })
+        .await
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let sender = self.writer.lock().ok().and_then(|w| w.clone());
+        let Some(sender) = sender else {
+            return Err(StoreError::Unavailable("the store is shutting down".into()));
+        };
+        sender
+            .send(Job { op, reply })
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
+    }
+
+    async fn close(&self) {
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+        let handle = self.writer_thread.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
