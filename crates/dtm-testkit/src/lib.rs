@@ -1,1 +1,238 @@
+//! Test support: the branch simulator ([`busi::Busi`]), a server started in-process on the
+//! backend named by `DTM_TEST_STORE` (default `sqlite`), and small HTTP helpers.
 
+pub mod busi;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use dtm_server::{Config, Options, Server};
+use serde_json::{Value, json};
+
+pub use busi::{Busi, slot};
+
+/// The backend the scenario tests run on: `DTM_TEST_STORE`, default `sqlite`.
+pub fn test_store() -> String {
+    std::env::var("DTM_TEST_STORE").unwrap_or_else(|_| "sqlite".to_string())
+}
+
+/// Configuration for a test server on the backend of `DTM_TEST_STORE`. Connection values
+/// come from the usual `STORE_*` environment variables when set, else from the local
+/// defaults (Postgres 5432 user postgres, MariaDB 3306 root, Redis 6379).
+pub fn test_config(dir: &std::path::Path) -> anyhow::Result<Config> {
+    let store = test_store();
+    let mut c = Config::load(None, |k| {
+        if k.starts_with("STORE_") {
+            std::env::var(k).ok()
+        } else {
+            None
+        }
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
+    c.set("Store.Driver", store.as_str())
+        .map_err(anyhow::Error::msg)?;
+    c.set(
+        "Store.File",
+        dir.join("dtm.sqlite").to_string_lossy().to_string(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(c)
+}
+
+/// A dtm-rs server running inside the test process.
+pub struct TestServer {
+    pub server: Server,
+    /// e.g. `http://127.0.0.1:PORT/api/dtmsvr`
+    pub api: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// Engine settings for tests: short intervals so that retries and recovery happen within
+/// a few seconds.
+pub fn fast_settings() -> dtm_core::Settings {
+    dtm_core::Settings {
+        retry_interval: 1,
+        timeout_to_fail: 3,
+        request_timeout: 3,
+        cron_interval: Duration::from_millis(100),
+        ..Default::default()
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> anyhow::Result<TestServer> {
+        Self::start_with(fast_settings()).await
+    }
+
+    pub async fn start_with(settings: dtm_core::Settings) -> anyhow::Result<TestServer> {
+        let dir = tempfile::tempdir()?;
+        let cfg = test_config(dir.path())?;
+        let store = dtm_server::open_store(&cfg).context("opening the test store")?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let server = Server::start(
+            Options {
+                settings,
+                max_body: 1 << 20,
+            },
+            store,
+            listener,
+        )
+        .await?;
+        let api = format!("http://{}/api/dtmsvr", server.http_addr);
+        Ok(TestServer {
+            server,
+            api,
+            http: reqwest::Client::builder().no_proxy().build()?,
+            _dir: dir,
+        })
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(format!("{}/{path}", self.api))
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(format!("{}/{path}", self.api))
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .http
+            .get(format!("{}/{path_and_query}", self.api))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    /// `GET /query`: the transaction JSON (or null) and branch statuses in storage order.
+    pub async fn query(&self, gid: &str) -> anyhow::Result<(Value, Vec<String>)> {
+        let (_, v) = self.get(&format!("query?gid={gid}")).await?;
+        let statuses = v["branches"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| b["status"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((v["transaction"].clone(), statuses))
+    }
+
+    pub async fn status(&self, gid: &str) -> anyhow::Result<String> {
+        let (t, _) = self.query(gid).await?;
+        Ok(t["status"].as_str().unwrap_or("").to_string())
+    }
+
+    /// Branch statuses abbreviated as dtm's tests write them: `p`, `s`, `f`.
+    pub async fn branches(&self, gid: &str) -> anyhow::Result<String> {
+        let (_, b) = self.query(gid).await?;
+        Ok(b.iter()
+            .map(|s| s.chars().next().unwrap_or('?'))
+            .collect::<String>())
+    }
+
+    /// Poll until the global status is `want`; fails with the last status after `secs`.
+    pub async fn wait_status(&self, gid: &str, want: &str, secs: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status(gid).await?;
+            if s == want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("gid {gid}: status '{s}', expected '{want}' within {secs}s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Make a transaction due now (`resetNextCronTime`).
+    pub async fn kick(&self, gid: &str) -> anyhow::Result<()> {
+        let (code, v) = self
+            .post("resetNextCronTime", &json!({ "gid": gid }))
+            .await?;
+        anyhow::ensure!(code == 200, "resetNextCronTime: {code} {v}");
+        Ok(())
+    }
+
+    pub async fn new_gid(&self) -> anyhow::Result<String> {
+        let (_, v) = self.get("newGid").await?;
+        v["gid"]
+            .as_str()
+            .map(str::to_string)
+            .context("newGid answered without gid")
+    }
+}
+
+/// A saga body with steps (action route, compensate route) on the simulator.
+pub fn saga(gid: &str, busi: &Busi, steps: &[(&str, &str)], payload: &Value) -> Value {
+    json!({
+        "gid": gid,
+        "trans_type": "saga",
+        "steps": steps.iter().map(|(a, c)| json!({
+            "action": if a.is_empty() { String::new() } else { busi.route(a) },
+            "compensate": if c.is_empty() { String::new() } else { busi.route(c) },
+        })).collect::<Vec<_>>(),
+        "payloads": steps.iter().map(|_| payload.to_string()).collect::<Vec<_>>(),
+    })
+}
+
+/// The usual two-step transfer saga: TransOut/TransOutRevert then TransIn/TransInRevert.
+pub fn transfer_saga(gid: &str, busi: &Busi) -> Value {
+    saga(
+        gid,
+        busi,
+        &[("TransOut", "TransOutRevert"), ("TransIn", "TransInRevert")],
+        &json!({"amount": 30}),
+    )
+}
+
+/// A msg body with action routes on the simulator.
+pub fn msg(gid: &str, busi: &Busi, actions: &[&str]) -> Value {
+    json!({
+        "gid": gid,
+        "trans_type": "msg",
+        "steps": actions.iter().map(|a| json!({"action": busi.route(a)})).collect::<Vec<_>>(),
+        "payloads": actions.iter().map(|_| json!({"amount": 30}).to_string()).collect::<Vec<_>>(),
+        "query_prepared": busi.route("QueryPrepared"),
+    })
+}
+
+/// Merge extra keys into a JSON object.
+pub fn with(mut v: Value, extra: Value) -> Value {
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, x) in e {
+            o.insert(k.clone(), x.clone());
+        }
+    }
+    v
+}
