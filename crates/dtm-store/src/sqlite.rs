@@ -152,7 +152,7 @@ struct Job {
 
 /// What the writer thread does for a job.
 enum Work {
-    Op(WriteOp),
+    Op(Box<WriteOp>),
     /// Retention: delete finished transactions last updated before `before` (ms).
     /// Answered with `Reset { count }`.
     Purge {
@@ -701,7 +701,7 @@ impl Store for SqliteStore {
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
-        self.submit(Work::Op(op)).await
+        self.submit(Work::Op(Box::new(op))).await
     }
 
     async fn purge_finished(

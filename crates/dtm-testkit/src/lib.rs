@@ -19,18 +19,56 @@ pub fn test_store() -> String {
 /// Configuration for a test server on the backend of `DTM_TEST_STORE`. Connection values
 /// come from the usual `STORE_*` environment variables when set, else from the local
 /// defaults (Postgres 5432 user postgres, MariaDB 3306 root, Redis 6379).
+///
+/// Every call gives a store of its own, so that tests running at once do not see (and
+/// their recovery loops do not claim) each other's transactions: a file in `dir` for
+/// sqlite, a fresh schema `dtm_t_<time>_<random>` in database `dtm_test` for postgres, a
+/// fresh database `dtm_t_<time>_<random>` for mysql. [`TestServer`] drops the schema or
+/// database when it is dropped; ones left by killed runs are dropped after 20 minutes.
 pub fn test_config(dir: &std::path::Path) -> anyhow::Result<Config> {
     let store = test_store();
+    let ns = namespace_name();
+    let (defaults, ns_key): (&[(&str, &str)], Option<&str>) = match store.as_str() {
+        "postgres" => (
+            &[
+                ("STORE_HOST", "127.0.0.1"),
+                ("STORE_PORT", "5432"),
+                ("STORE_USER", "postgres"),
+                ("STORE_DB", "dtm_test"),
+            ],
+            Some("STORE_SCHEMA"),
+        ),
+        "mysql" => (
+            &[
+                ("STORE_HOST", "127.0.0.1"),
+                ("STORE_PORT", "3306"),
+                ("STORE_USER", "root"),
+            ],
+            Some("STORE_DB"),
+        ),
+        _ => (&[], None),
+    };
     let mut c = Config::load(None, |k| {
-        if k.starts_with("STORE_") {
-            std::env::var(k).ok()
-        } else {
-            None
+        if k == "STORE_DRIVER" {
+            return Some(store.clone());
         }
+        if Some(k) == ns_key {
+            return Some(ns.clone());
+        }
+        if k == "STORE_MAX_OPEN_CONNS" {
+            return Some("8".into());
+        }
+        if !k.starts_with("STORE_") {
+            return None;
+        }
+        std::env::var(k).ok().filter(|v| !v.is_empty()).or_else(|| {
+            defaults
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
     })
     .map_err(|e| anyhow::anyhow!(e))?;
-    c.set("Store.Driver", store.as_str())
-        .map_err(anyhow::Error::msg)?;
     c.set(
         "Store.File",
         dir.join("dtm.sqlite").to_string_lossy().to_string(),
@@ -39,13 +77,80 @@ pub fn test_config(dir: &std::path::Path) -> anyhow::Result<Config> {
     Ok(c)
 }
 
+const NS_PREFIX: &str = "dtm_t_";
+/// Test namespaces older than this are left from killed runs.
+const NS_STALE_SECS: u64 = 20 * 60;
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `dtm_t_<unix seconds>_<random>`: a plain lowercase identifier for both servers.
+fn namespace_name() -> String {
+    let r: String = dtm_core::new_gid()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(10)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    format!("{NS_PREFIX}{}_{r}", unix_secs())
+}
+
+/// Drop test namespaces that killed runs left behind.
+async fn sweep_stale_namespaces(o: &dtm_store::SqlOptions) {
+    let Ok(names) = dtm_store::sql::list_namespaces(o, NS_PREFIX).await else {
+        return;
+    };
+    let now = unix_secs();
+    for name in names {
+        let born = name
+            .strip_prefix(NS_PREFIX)
+            .and_then(|r| r.split('_').next())
+            .and_then(|t| t.parse::<u64>().ok());
+        if born.is_some_and(|b| now.saturating_sub(b) > NS_STALE_SECS) {
+            let mut old = o.clone();
+            match o.dialect {
+                dtm_store::sql::Dialect::Postgres => old.schema = name,
+                dtm_store::sql::Dialect::MySql => old.db = name,
+            }
+            let _ = dtm_store::sql::drop_namespace(&old).await;
+        }
+    }
+}
+
 /// A dtm-rs server running inside the test process.
 pub struct TestServer {
     pub server: Server,
     /// e.g. `http://127.0.0.1:PORT/api/dtmsvr`
     pub api: String,
     pub http: reqwest::Client,
+    /// The configuration the server was started with (its store is its own).
+    pub config: Config,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for TestServer {
+    /// Drop the server's schema / database (postgres, mysql). Runs on a thread of its own,
+    /// since the test's runtime may be the single thread that is dropping this.
+    fn drop(&mut self) {
+        let Ok(o) = self.config.sql_options() else {
+            return;
+        };
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = dtm_store::sql::drop_namespace(&o).await;
+                });
+            }
+        })
+        .join();
+    }
 }
 
 /// Engine settings for tests: short intervals so that retries and recovery happen within
@@ -68,7 +173,12 @@ impl TestServer {
     pub async fn start_with(settings: dtm_core::Settings) -> anyhow::Result<TestServer> {
         let dir = tempfile::tempdir()?;
         let cfg = test_config(dir.path())?;
-        let store = dtm_server::open_store(&cfg).context("opening the test store")?;
+        if let Ok(o) = cfg.sql_options() {
+            sweep_stale_namespaces(&o).await;
+        }
+        let store = dtm_server::open_store(&cfg)
+            .await
+            .context("opening the test store")?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let server = Server::start(
             Options {
@@ -84,6 +194,7 @@ impl TestServer {
             server,
             api,
             http: reqwest::Client::builder().no_proxy().build()?,
+            config: cfg,
             _dir: dir,
         })
     }

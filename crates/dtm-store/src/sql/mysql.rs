@@ -129,6 +129,10 @@ pub(crate) async fn open(o: &SqlOptions, zone: Zone) -> Result<MySqlEngine, DbEr
 /// Drop the database (tests).
 pub(crate) async fn drop_database(o: &SqlOptions) -> Result<(), DbError> {
     let mut c = MySqlConnection::connect_with(&connect_options(o)).await?;
+    // do not wait long for a server that still holds locks in it
+    query("SET SESSION lock_wait_timeout = 3")
+        .execute(&mut c)
+        .await?;
     let sql = format!(
         "DROP DATABASE IF EXISTS {}",
         quote_ident(Dialect::MySql, &o.db)

@@ -96,6 +96,8 @@ pub(crate) async fn open(o: &SqlOptions) -> Result<PgEngine, DbError> {
 /// Drop the schema (tests).
 pub(crate) async fn drop_schema(o: &SqlOptions) -> Result<(), DbError> {
     let mut c = PgConnection::connect_with(&connect_options(o, &o.db)).await?;
+    // do not wait long for a server that still holds locks in it
+    query("SET lock_timeout = '3s'").execute(&mut c).await?;
     let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", o.schema);
     let r = query(AssertSqlSafe(sql)).execute(&mut c).await;
     let _ = c.close().await;
