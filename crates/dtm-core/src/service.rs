@@ -62,6 +62,11 @@ fn is_http_url(u: &str) -> bool {
     u.starts_with("http://") || u.starts_with("https://")
 }
 
+/// `host:port/package.Service/Method`, the form of gRPC branch URLs.
+fn is_grpc_url(u: &str) -> bool {
+    !u.contains("://") && u.contains('/')
+}
+
 impl Coordinator {
     pub fn new(store: Arc<dyn Store>, caller: Arc<dyn BranchCaller>, settings: Settings) -> Self {
         Coordinator {
@@ -173,7 +178,7 @@ impl Coordinator {
             if is_msg && what.ends_with("action") && u.starts_with("topic://") {
                 return Ok(());
             }
-            if req.protocol == protocol::GRPC && !u.contains("://") && u.contains('/') {
+            if req.protocol == protocol::GRPC && is_grpc_url(u) {
                 return Ok(());
             }
             Err(ApiError::BadRequest(format!(
@@ -607,10 +612,7 @@ impl Coordinator {
             }
         };
         for r in &rows {
-            if r.url.is_empty()
-                || is_http_url(&r.url)
-                || (!r.url.contains("://") && r.url.contains('/'))
-            {
+            if r.url.is_empty() || is_http_url(&r.url) || is_grpc_url(&r.url) {
                 continue;
             }
             return Err(ApiError::BadRequest(format!(
@@ -795,7 +797,7 @@ impl Coordinator {
                 "empty url: give ?url=<subscriber url>".into(),
             ));
         }
-        if !is_http_url(url) && !(url.contains('/') && !url.contains("://")) {
+        if !is_http_url(url) && !is_grpc_url(url) {
             return Err(ApiError::BadRequest(format!(
                 "url '{url}' is not http(s)://host/path or host:port/package.Service/Method"
             )));

@@ -137,10 +137,6 @@ impl Busi {
             .map(|c| format!("{}/{}", c.route, c.q("op")))
             .collect()
     }
-
-    fn take(&self, slot: &str) -> Option<String> {
-        take(&self.inner, slot)
-    }
 }
 
 fn take(inner: &Inner, slot: &str) -> Option<String> {
