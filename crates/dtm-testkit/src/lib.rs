@@ -298,9 +298,8 @@ impl ProcServer {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
-        Ok(cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?)
+        cmd.spawn()
+            .with_context(|| format!("starting {}", bin.display()))
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
