@@ -296,6 +296,7 @@ async fn handle(
                 result_response(&inner, "SUCCESS")
             }
         }
+        "WorkflowResume" => result_response(&inner, &pick(slot::NEXT, None)),
         _ => (StatusCode::NOT_FOUND, format!("no busi route {route}")).into_response(),
     }
 }
