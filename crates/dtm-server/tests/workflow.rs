@@ -26,17 +26,30 @@ async fn workflow_progress_finish_and_resume() -> R {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let c = &b.calls_for(&gid)[0];
-    assert_eq!((c.route.as_str(), c.q("op"), c.q("branch_id")), ("WorkflowResume", "transfer", "00"));
+    assert_eq!(
+        (c.route.as_str(), c.q("op"), c.q("branch_id")),
+        ("WorkflowResume", "transfer", "00")
+    );
     assert_eq!(c.body, "{\"amount\":30}");
 
     // progress
     let step = |id: &str, st: &str| json!({"gid": gid, "trans_type": "workflow", "branch_id": id, "op": "action", "status": st, "data": "result"});
-    assert_eq!(s.post("registerBranch", &step("01", "succeed")).await?.0, 200);
-    assert_ne!(s.post("registerBranch", &step("01", "succeed")).await?.0, 200, "duplicate progress");
+    assert_eq!(
+        s.post("registerBranch", &step("01", "succeed")).await?.0,
+        200
+    );
+    assert_ne!(
+        s.post("registerBranch", &step("01", "succeed")).await?.0,
+        200,
+        "duplicate progress"
+    );
     assert_eq!(s.post("registerBranch", &step("02", "bogus")).await?.0, 400);
     let (_, v) = s.post("prepareWorkflow", &prep).await?;
     assert_eq!(v["progresses"].as_array().map(Vec::len), Some(1));
-    assert_eq!(v["progresses"][0]["bin_data"], dtm_proto::base64_encode(b"result"));
+    assert_eq!(
+        v["progresses"][0]["bin_data"],
+        dtm_proto::base64_encode(b"result")
+    );
 
     // finish
     let fin = json!({"gid": gid, "trans_type": "workflow", "req_extra": {"status": "succeed", "result": "cmVz"}});

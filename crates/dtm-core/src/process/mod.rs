@@ -322,3 +322,6 @@ pub(crate) async fn run(co: &Coordinator, g: TransGlobal, branches: Vec<Branch>)
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
