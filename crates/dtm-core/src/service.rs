@@ -453,7 +453,8 @@ impl Coordinator {
             PassEnd::Ongoing(m) => return Err(ApiError::Ongoing(format!("ONGOING: {m}"))),
             PassEnd::Failure(m) => return Err(ApiError::failure(m)),
             PassEnd::Error(m) => return Err(ApiError::Internal(m)),
-            PassEnd::Done | PassEnd::Busy => {}
+            PassEnd::StoreDown(m) => return Err(StoreError::Unavailable(m).into()),
+            PassEnd::Done | PassEnd::Busy | PassEnd::Superseded => {}
         }
         let g = self.must_find(gid).await?;
         if g.status == status::SUCCEED {
@@ -536,6 +537,7 @@ impl Coordinator {
                 PassEnd::Ongoing(m) => Err(ApiError::Ongoing(format!("ONGOING: {m}"))),
                 PassEnd::Failure(m) => Err(ApiError::failure(m)),
                 PassEnd::Error(m) => Err(ApiError::Internal(m)),
+                PassEnd::StoreDown(m) => Err(StoreError::Unavailable(m).into()),
                 _ => Ok(()),
             }
         } else {

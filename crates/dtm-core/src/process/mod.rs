@@ -32,6 +32,11 @@ pub(crate) enum PassEnd {
     Done,
     /// Another task of this node is processing the transaction.
     Busy,
+    /// The transaction changed under the pass (another node took the lease, or an API
+    /// call such as forceStop changed its status); the pass stopped writing.
+    Superseded,
+    /// The store failed; the pass stopped. Nothing is lost: recovery picks it up again.
+    StoreDown(String),
     Ongoing(String),
     Failure(String),
     Error(String),
@@ -52,14 +57,11 @@ pub(crate) enum Sched {
 
 /// The pass stops: someone else changed the transaction, or the store failed.
 #[derive(Debug)]
-pub(crate) struct Stop(pub String);
+pub(crate) struct Stop(pub StoreError);
 
 impl From<StoreError> for Stop {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound => Stop("the transaction changed under this pass".into()),
-            e => Stop(e.to_string()),
-        }
+        Stop(e)
     }
 }
 
@@ -316,9 +318,13 @@ pub(crate) async fn run(co: &Coordinator, g: TransGlobal, branches: Vec<Branch>)
     };
     match res {
         Ok(end) => end,
-        Err(Stop(why)) => {
-            tracing::info!(gid = %gid, "pass stopped: {why}");
-            PassEnd::Error(why)
+        Err(Stop(StoreError::NotFound)) => {
+            tracing::info!(gid = %gid, "pass stopped: the transaction changed under it");
+            PassEnd::Superseded
+        }
+        Err(Stop(e)) => {
+            tracing::warn!(gid = %gid, "pass stopped: {e}");
+            PassEnd::StoreDown(e.to_string())
         }
     }
 }

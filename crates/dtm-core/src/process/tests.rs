@@ -499,7 +499,7 @@ async fn a_pass_stops_when_another_node_took_the_lease() {
         })
         .await;
     let end = super::run(&co, g, rows).await;
-    assert!(matches!(end, PassEnd::Error(_)));
+    assert_eq!(end, PassEnd::Superseded);
     let stored = store
         .find_global("g")
         .await
