@@ -183,7 +183,7 @@ impl<'a> Ctx<'a> {
         if let Some(r) = reason.filter(|r| !r.is_empty()) {
             self.g.rollback_reason = r;
         }
-        tracing::info!(gid = %self.g.gid, trans_type = %self.g.trans_type, status = new, "status changed");
+        tracing::debug!(gid = %self.g.gid, trans_type = %self.g.trans_type, status = new, "status changed");
         Ok(())
     }
 
