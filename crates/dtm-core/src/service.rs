@@ -33,6 +33,8 @@ pub struct Coordinator {
     pub(crate) settings: Settings,
     /// This node's lease owner id.
     pub(crate) node: String,
+    /// Counters for the metrics endpoint.
+    pub stats: crate::stats::Stats,
     inflight: Mutex<HashSet<String>>,
 }
 
@@ -74,6 +76,7 @@ impl Coordinator {
             caller,
             settings,
             node: format!("node-{}", crate::new_gid()),
+            stats: Default::default(),
             inflight: Mutex::new(HashSet::new()),
         }
     }

@@ -320,7 +320,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(),
+        s.metrics.render(&s.co.stats),
     )
         .into_response()
 }

@@ -310,3 +310,41 @@ async fn xa_prepared_times_out_to_failed() -> R {
     assert!(b.is_empty());
     Ok(())
 }
+
+#[tokio::test]
+async fn tcc_confirm_failure_is_reported_to_the_webhook_and_metrics() -> R {
+    let b = Busi::start().await?;
+    let mut settings = dtm_testkit::fast_settings();
+    settings.alert_webhook = b.route("AlertWebHook");
+    let s = TestServer::start_with(settings).await?;
+    let gid = s.new_gid().await?;
+    s.post("prepare", &tcc(&gid)).await?;
+    register(&s, &b, &gid, "01", "TransOutConfirm", "TransOutRevert").await?;
+    b.set_once(slot::TRANS_OUT_CONFIRM, "FAILURE");
+    s.post("submit", &tcc(&gid)).await?;
+    s.wait_status(&gid, "succeed", 10).await?;
+    let hooks: Vec<_> = b
+        .calls_for(&gid)
+        .into_iter()
+        .filter(|c| c.route == "AlertWebHook")
+        .collect();
+    assert_eq!(hooks.len(), 1, "{:?}", b.trace(&gid));
+    let v: Value = serde_json::from_str(&hooks[0].body)?;
+    assert!(
+        v["branch"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("/TransOutConfirm"),
+        "{v}"
+    );
+    assert!(v["error"].as_str().unwrap_or("").contains("FAILURE"), "{v}");
+    let m = s
+        .http
+        .get(s.api.replace("/dtmsvr", "/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(m.contains("dtm_branch_unexpected_failure_total 1"), "{m}");
+    Ok(())
+}

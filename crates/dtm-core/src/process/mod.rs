@@ -179,6 +179,7 @@ impl<'a> Ctx<'a> {
             ..Default::default()
         };
         self.write(set).await?;
+        self.co.stats.status(new);
         self.g.status = new.to_string();
         if let Some(r) = reason.filter(|r| !r.is_empty()) {
             self.g.rollback_reason = r;
@@ -227,7 +228,7 @@ impl<'a> Ctx<'a> {
         self.g.next_cron_interval = interval;
         self.g.next_cron_time = Some(next);
         if s == Sched::Backoff {
-            self.maybe_alert(base, interval).await;
+            self.maybe_alert(base, interval, false).await;
         }
         Ok(())
     }
@@ -243,6 +244,10 @@ impl<'a> Ctx<'a> {
             }
             BranchOutcome::Failure(m) => {
                 self.touch(Sched::Backoff).await?;
+                // FAILURE where only SUCCESS can end the branch: report it at once
+                let base = self.base();
+                let interval = self.g.next_cron_interval;
+                self.maybe_alert(base, interval, true).await;
                 Ok(PassEnd::Failure(format!("url:{url} return failed: {m}")))
             }
             BranchOutcome::Error(m) => {
@@ -256,14 +261,18 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    async fn maybe_alert(&self, base: i64, interval: i64) {
+    /// POST the alert webhook when the retry count reached `AlertRetryLimit` (or always,
+    /// with `force`, for a FAILURE that cannot end the branch).
+    async fn maybe_alert(&self, base: i64, interval: i64, force: bool) {
         let hook = &self.co.settings.alert_webhook;
         if hook.is_empty() || base <= 0 {
             return;
         }
         let ratio = (interval / base).max(1);
         let retry_count = 63 - i64::from(ratio.leading_zeros());
-        if retry_count < self.co.settings.alert_retry_limit {
+        let limit = self.co.settings.alert_retry_limit;
+        // the backoff itself already alerted at or above the limit
+        if (force && retry_count >= limit) || (!force && retry_count < limit) {
             return;
         }
         let body = serde_json::json!({
@@ -291,6 +300,7 @@ pub(crate) async fn exec(co: &Coordinator, call: BranchCall) -> BranchOutcome {
         return BranchOutcome::Success;
     }
     let out = co.caller.call(&call).await;
+    co.stats.branch(&out);
     tracing::debug!(gid = %call.gid, branch_id = %call.branch_id, op = %call.op, url = %call.url, outcome = out.label(), "branch called");
     if let BranchOutcome::Failure(m) = &out
         && !(call.trans_type == trans_type::SAGA && call.op == dtm_proto::op::ACTION)
@@ -298,6 +308,9 @@ pub(crate) async fn exec(co: &Coordinator, call: BranchCall) -> BranchOutcome {
     {
         tracing::warn!(gid = %call.gid, branch_id = %call.branch_id, op = %call.op, url = %call.url,
             "branch answered FAILURE where only SUCCESS ends it; it is retried with backoff: {m}");
+        co.stats
+            .unexpected_failure
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     out
 }
