@@ -35,6 +35,12 @@ pub struct Options {
     pub max_body: usize,
 }
 
+/// Install the TLS crypto provider HTTP clients use (idempotent). Call before building any
+/// `reqwest::Client`.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Open the store a configuration names, and start its retention cleanup
 /// (`Store.FinishedDataExpire`). SQL stores are created or migrated on the way.
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
