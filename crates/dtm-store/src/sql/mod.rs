@@ -85,7 +85,7 @@ impl SqlOptions {
             schema: "public".into(),
             max_open_conns: 100,
             conn_max_lifetime: Some(Duration::from_secs(300)),
-            acquire_timeout: Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(3),
             utc_offset_hours: None,
         }
     }

@@ -28,6 +28,8 @@ pub(crate) struct PgEngine {
 
 fn connect_options(o: &SqlOptions, db: &str) -> PgConnectOptions {
     let mut c = PgConnectOptions::new()
+        // no "already exists, skipping" notices from the idempotent DDL in the log
+        .options([("client_min_messages", "warning")])
         .host(&o.host)
         .port(o.port)
         .username(&o.user)
