@@ -5,9 +5,13 @@
 //!   database (and the Postgres schema) when the user may create them. Existing tables are
 //!   migrated in place at every start, idempotently: times widened to millisecond
 //!   precision, and one index for the retention cleanup (`dtm migrate` runs only this).
-//! - **Group commit**: one writer task per store takes every write waiting in its queue
-//!   (up to [`MAX_BATCH`]) and applies them in one database transaction, committed once;
-//!   then each waiter gets its own result. A logical failure of one op (a guard that does
+//! - **Group commit**: a writer task takes every write waiting in its queue (up to
+//!   [`MAX_BATCH`]) and applies them in one database transaction, committed once; then
+//!   each waiter gets its own result. A few writers run side by side on their own
+//!   connections (each statement is a round trip, so one writer leaves the server idle
+//!   most of the time); writes are routed to them by gid (kv writes by key, bulk ops to
+//!   the first), so the writes of one transaction keep their order and two writers never
+//!   wait for each other's rows of one transaction. A logical failure of one op (a guard that does
 //!   not match, a key that exists) changes nothing and does not disturb the others. A
 //!   database error inside an op (say a value too long for its column) rolls the
 //!   transaction back and the batch is run again without that op, which gets the error.
@@ -43,6 +47,8 @@ use ops::OpError;
 
 /// Most writes one commit takes.
 pub const MAX_BATCH: usize = 256;
+/// Most writer tasks (each uses one connection while it commits).
+const MAX_WRITERS: usize = 4;
 /// How often a batch is run again after a deadlock or serialization failure.
 const RETRIES: usize = 3;
 
@@ -163,8 +169,8 @@ pub struct SqlStore {
     engine: Arc<dyn Engine>,
     desc: Arc<str>,
     errs: Errs,
-    writer: Mutex<Option<mpsc::UnboundedSender<Job>>>,
-    writer_task: Mutex<Option<JoinHandle<()>>>,
+    writers: Mutex<Vec<mpsc::UnboundedSender<Job>>>,
+    writer_tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// Turns a driver error into what a caller is told.
@@ -221,14 +227,25 @@ impl SqlStore {
         for d in done {
             tracing::info!("{desc}: schema: {d}");
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(writer_loop(Arc::clone(&engine), errs.clone(), rx));
+        // leave at least half the pool to reads
+        let n = (o.max_open_conns as usize / 2).clamp(1, MAX_WRITERS);
+        let mut writers = Vec::with_capacity(n);
+        let mut tasks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            writers.push(tx);
+            tasks.push(tokio::spawn(writer_loop(
+                Arc::clone(&engine),
+                errs.clone(),
+                rx,
+            )));
+        }
         Ok(SqlStore {
             engine,
             desc,
             errs,
-            writer: Mutex::new(Some(tx)),
-            writer_task: Mutex::new(Some(task)),
+            writers: Mutex::new(writers),
+            writer_tasks: Mutex::new(tasks),
         })
     }
 
@@ -284,6 +301,26 @@ async fn migrate(engine: &dyn Engine) -> Result<Vec<String>, DbError> {
             Err(e)
         }
     }
+}
+
+/// The writer an op goes to, of `n` (None when there are none: closed).
+fn shard(op: &WriteOp, n: usize) -> Option<usize> {
+    use std::hash::{Hash, Hasher};
+    if n == 0 {
+        return None;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match op {
+        WriteOp::SaveNew { global, .. } => global.gid.hash(&mut h),
+        WriteOp::AddBranches { gid, .. }
+        | WriteOp::UpdateGlobal { gid, .. }
+        | WriteOp::ResetNextCronTime { gid, .. } => gid.hash(&mut h),
+        WriteOp::CreateKv { cat, k, .. }
+        | WriteOp::UpdateKv { cat, k, .. }
+        | WriteOp::DeleteKv { cat, k } => (cat, k).hash(&mut h),
+        WriteOp::ClaimDue { .. } | WriteOp::ResetCronTime { .. } => return Some(0),
+    }
+    Some((h.finish() % n as u64) as usize)
 }
 
 async fn writer_loop(engine: Arc<dyn Engine>, errs: Errs, mut rx: mpsc::UnboundedReceiver<Job>) {
@@ -461,7 +498,10 @@ impl Store for SqlStore {
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let sender = self.writer.lock().ok().and_then(|w| w.clone());
+        let sender = self.writers.lock().ok().and_then(|w| {
+            let i = shard(&op, w.len())?;
+            w.get(i).cloned()
+        });
         let Some(sender) = sender else {
             return Err(StoreError::Unavailable(format!(
                 "{}: the store is shutting down",
@@ -475,11 +515,15 @@ impl Store for SqlStore {
     }
 
     async fn close(&self) {
-        if let Ok(mut w) = self.writer.lock() {
-            w.take();
+        if let Ok(mut w) = self.writers.lock() {
+            w.clear();
         }
-        let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
-        if let Some(t) = task {
+        let tasks = self
+            .writer_tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in tasks {
             let _ = t.await;
         }
         self.engine.close().await;

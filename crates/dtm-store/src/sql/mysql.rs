@@ -364,3 +364,25 @@ impl Exec for MyExec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Zone;
+    use chrono::{FixedOffset, NaiveDate, TimeZone, Utc};
+
+    #[test]
+    fn datetimes_are_wall_clock_times_of_the_zone() {
+        let Some(plus8) = FixedOffset::east_opt(8 * 3600) else {
+            panic!("offset")
+        };
+        let z = Zone::Fixed(plus8);
+        let t = Utc.with_ymd_and_hms(2026, 1, 2, 20, 30, 0).single();
+        let Some(t) = t else { panic!("time") };
+        let wall = z.write_db(t);
+        let want = NaiveDate::from_ymd_opt(2026, 1, 3).and_then(|d| d.and_hms_opt(4, 30, 0));
+        assert_eq!(Some(wall), want);
+        assert_eq!(z.read_db(wall), t);
+        // the process zone round-trips too
+        assert_eq!(Zone::Local.read_db(Zone::Local.write_db(t)), t);
+    }
+}
