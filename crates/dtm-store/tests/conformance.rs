@@ -680,8 +680,13 @@ fn sql_options(d: Dialect, name: &str) -> Option<SqlOptions> {
         o.password = p;
     }
     o.max_open_conns = 8;
+    // named like dtm-testkit's namespaces, whose sweep drops the ones a failed run left
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let ns = format!(
-        "dtm_c_{}",
+        "dtm_t_{secs}_{}",
         dtm_core::new_gid()
             .to_ascii_lowercase()
             .replace(|c: char| !c.is_ascii_alphanumeric(), "")

@@ -271,6 +271,9 @@ fn open_error(errs: &Errs, o: &SqlOptions, e: &DbError) -> StoreError {
                 ""
             }
         }
+        DbError::Configuration(c) if c.to_string().contains("RSA") => {
+            " The MySQL user signs in with caching_sha2_password, which needs TLS or RSA that this build leaves out: give the user mysql_native_password (ALTER USER ... IDENTIFIED WITH mysql_native_password BY '...')."
+        }
         _ => "",
     };
     let base = errs.store(
