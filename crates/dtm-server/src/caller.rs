@@ -6,8 +6,13 @@ use async_trait::async_trait;
 use dtm_core::{BranchCall, BranchCaller};
 use dtm_proto::{BranchOutcome, classify_http, protocol, trans_type};
 
+use crate::grpc_caller::GrpcCaller;
+
+/// Calls branches over HTTP and JSON-RPC, and hands gRPC branches to [`GrpcCaller`]
+/// (transport selection of dtm §5.1).
 pub struct HttpCaller {
     client: reqwest::Client,
+    grpc: GrpcCaller,
 }
 
 impl HttpCaller {
@@ -19,7 +24,10 @@ impl HttpCaller {
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()?;
-        Ok(HttpCaller { client })
+        Ok(HttpCaller {
+            client,
+            grpc: GrpcCaller::new(),
+        })
     }
 }
 
@@ -83,10 +91,7 @@ fn jrpc_method(url: &str) -> Option<String> {
 impl BranchCaller for HttpCaller {
     async fn call(&self, c: &BranchCall) -> BranchOutcome {
         if c.protocol != protocol::HTTP && !is_http(&c.url) {
-            return BranchOutcome::Error(format!(
-                "cannot call '{}': gRPC branches are not supported by this server build",
-                c.url
-            ));
+            return self.grpc.call(c).await;
         }
         if c.protocol == protocol::JSON_RPC && c.url.contains("method") {
             return self.call_jrpc(c).await;
