@@ -2,6 +2,9 @@
 //! backend named by `DTM_TEST_STORE` (default `sqlite`), and small HTTP helpers.
 
 pub mod busi;
+pub mod busi_grpc;
+pub mod busi_jrpc;
+pub mod grpc;
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +13,7 @@ use dtm_server::{Config, Options, Server};
 use serde_json::{Value, json};
 
 pub use busi::{Busi, slot};
+pub use busi_grpc::BusiGrpc;
 
 /// The backend the scenario tests run on: `DTM_TEST_STORE`, default `sqlite`.
 pub fn test_store() -> String {
@@ -44,6 +48,8 @@ pub struct TestServer {
     pub server: Server,
     /// e.g. `http://127.0.0.1:PORT/api/dtmsvr`
     pub api: String,
+    /// `127.0.0.1:PORT` of the gRPC API (`dtmgimp.Dtm`).
+    pub grpc: String,
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
@@ -70,19 +76,23 @@ impl TestServer {
         let cfg = test_config(dir.path())?;
         let store = dtm_server::open_store(&cfg).context("opening the test store")?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let server = Server::start(
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let grpc = grpc_listener.local_addr()?.to_string();
+        let server = Server::start_with_grpc(
             Options {
                 settings,
                 max_body: 1 << 20,
             },
             store,
             listener,
+            Some(grpc_listener),
         )
         .await?;
         let api = format!("http://{}/api/dtmsvr", server.http_addr);
         Ok(TestServer {
             server,
             api,
+            grpc,
             http: reqwest::Client::builder().no_proxy().build()?,
             _dir: dir,
         })
