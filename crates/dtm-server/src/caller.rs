@@ -17,7 +17,7 @@ pub struct HttpCaller {
 
 impl HttpCaller {
     pub fn new() -> anyhow::Result<HttpCaller> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_crypto();
         let client = reqwest::Client::builder()
             .no_proxy()
             .pool_max_idle_per_host(256)

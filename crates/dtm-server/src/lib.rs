@@ -41,6 +41,12 @@ pub struct Options {
     pub max_body: usize,
 }
 
+/// Install the TLS crypto provider HTTP clients use (idempotent). Call before building any
+/// `reqwest::Client`.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Open the store a configuration names.
 pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match cfg.driver() {

@@ -22,7 +22,7 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self) -> String {
+    pub fn render(&self, stats: &dtm_core::stats::Stats) -> String {
         let mut out = String::new();
         out.push_str("# HELP dtm_server_info The information of this dtm server.\n# TYPE dtm_server_info gauge\n");
         out.push_str(&format!(
@@ -36,6 +36,12 @@ impl Metrics {
                     "dtm_server_process_total{{type=\"http\",api=\"{api}\",status=\"{status}\"}} {n}\n"
                 ));
             }
+        }
+        out.push_str("# HELP dtm_branch_process_total Branch calls by classified answer\n# TYPE dtm_branch_process_total counter\n");
+        out.push_str("# HELP dtm_branch_unexpected_failure_total FAILURE answers from branches only SUCCESS can end (retried, alerted)\n# TYPE dtm_branch_unexpected_failure_total counter\n");
+        out.push_str("# HELP dtm_transaction_status_total Status changes written by this node\n# TYPE dtm_transaction_status_total counter\n");
+        for (name, v) in stats.lines() {
+            out.push_str(&format!("{name} {v}\n"));
         }
         out
     }

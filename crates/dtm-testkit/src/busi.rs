@@ -145,10 +145,6 @@ impl Busi {
             .map(|c| format!("{}/{}", c.route, c.q("op")))
             .collect()
     }
-
-    fn take(&self, slot: &str) -> Option<String> {
-        take(&self.inner, slot)
-    }
 }
 
 pub(crate) fn take(inner: &Inner, slot: &str) -> Option<String> {
@@ -308,6 +304,7 @@ async fn handle(
                 result_response(&inner, "SUCCESS")
             }
         }
+        "WorkflowResume" => result_response(&inner, &pick(slot::NEXT, None)),
         _ => (StatusCode::NOT_FOUND, format!("no busi route {route}")).into_response(),
     }
 }
