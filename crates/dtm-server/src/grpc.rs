@@ -3,8 +3,8 @@
 //!
 //! Errors map as dtm's `DtmError2GrpcError` does, with the kinds dtm leaves as `Unknown`
 //! given their proper codes: FAILURE -> `Aborted`, ONGOING -> `FailedPrecondition`, bad
-//! input -> `InvalidArgument`, not found -> `NotFound`, store unavailable -> `Unavailable`,
-//! anything else -> `Unknown`.
+//! input -> `InvalidArgument`, not found -> `NotFound`, too large -> `ResourceExhausted`,
+//! store unavailable -> `Unavailable`, anything else -> `Unknown`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +38,7 @@ pub fn status_of(e: ApiError) -> Status {
         ApiError::Ongoing(m) => Status::failed_precondition(m),
         ApiError::BadRequest(m) => Status::invalid_argument(m),
         ApiError::NotFound(m) => Status::not_found(m),
+        ApiError::TooLarge(m) => Status::resource_exhausted(m),
         ApiError::Unavailable(m) => Status::unavailable(m),
         ApiError::Internal(m) => Status::unknown(m),
     }

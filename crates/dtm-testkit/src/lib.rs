@@ -277,6 +277,7 @@ impl ProcServer {
         let port = free_port()?;
         let mut env = cfg.store_env();
         env.push(("HTTP_PORT".into(), port.to_string()));
+        env.push(("GRPC_PORT".into(), free_port()?.to_string()));
         env.push(("LISTEN_HOST".into(), "127.0.0.1".into()));
         for (k, v) in extra {
             env.push((k.to_string(), v.to_string()));
