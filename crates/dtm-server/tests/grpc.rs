@@ -749,3 +749,24 @@ async fn workflow_grpc_progress_and_resume() -> R {
     assert!(e.dtm.submit(fin).await.is_err(), "finished already");
     Ok(())
 }
+
+#[tokio::test]
+async fn grpc_server_stops_gracefully_with_clients_connected() -> R {
+    let mut e = setup().await?;
+    e.gid().await?;
+    let grpc = e.s.grpc.clone();
+    let Env { s, mut dtm, .. } = e;
+    let TestServer { server, .. } = s;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        server.shutdown(Duration::from_secs(2)),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("shutdown hung with a gRPC client connected"))?;
+    assert!(dtm.new_gid(()).await.is_err(), "the gRPC port is closed");
+    assert!(
+        tokio::net::TcpStream::connect(&grpc).await.is_err(),
+        "nothing listens on {grpc} any more"
+    );
+    Ok(())
+}
