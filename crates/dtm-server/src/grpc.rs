@@ -20,14 +20,40 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use crate::metrics::Metrics;
+
 /// The `dtmgimp.Dtm` implementation.
 pub struct DtmService {
     co: Arc<Coordinator>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl DtmService {
     pub fn new(co: Arc<Coordinator>) -> DtmService {
-        DtmService { co }
+        DtmService { co, metrics: None }
+    }
+
+    /// Count every call in `dtm_server_process_total{type="grpc"}`.
+    pub fn with_metrics(mut self, m: Arc<Metrics>) -> DtmService {
+        self.metrics = Some(m);
+        self
+    }
+
+    fn count(&self, rpc: &str, ok: bool) {
+        if let Some(m) = &self.metrics {
+            m.count_grpc(rpc, ok);
+        }
+    }
+
+    fn done(&self, r: Result<(), ApiError>, rpc: &str) -> Result<Response<()>, Status> {
+        self.count(rpc, r.is_ok());
+        match r {
+            Ok(()) => Ok(Response::new(())),
+            Err(e) => {
+                tracing::debug!("gRPC {rpc}: {e}");
+                Err(status_of(e))
+            }
+        }
     }
 }
 
@@ -112,19 +138,10 @@ pub fn register_request(r: DtmBranchRequest) -> RegisterBranchRequest {
     }
 }
 
-fn done(r: Result<(), ApiError>, rpc: &str) -> Result<Response<()>, Status> {
-    match r {
-        Ok(()) => Ok(Response::new(())),
-        Err(e) => {
-            tracing::debug!("gRPC {rpc}: {e}");
-            Err(status_of(e))
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl Dtm for DtmService {
     async fn new_gid(&self, _: Request<()>) -> Result<Response<DtmGidReply>, Status> {
+        self.count("NewGid", true);
         Ok(Response::new(DtmGidReply {
             gid: self.co.new_gid(),
         }))
@@ -135,7 +152,7 @@ impl Dtm for DtmService {
             Ok(t) => self.co.submit(t).await,
             Err(e) => Err(e),
         };
-        done(r, "Submit")
+        self.done(r, "Submit")
     }
 
     async fn prepare(&self, req: Request<DtmRequest>) -> Result<Response<()>, Status> {
@@ -143,7 +160,7 @@ impl Dtm for DtmService {
             Ok(t) => self.co.prepare(t).await,
             Err(e) => Err(e),
         };
-        done(r, "Prepare")
+        self.done(r, "Prepare")
     }
 
     async fn abort(&self, req: Request<DtmRequest>) -> Result<Response<()>, Status> {
@@ -151,7 +168,7 @@ impl Dtm for DtmService {
             Ok(t) => self.co.abort(t).await,
             Err(e) => Err(e),
         };
-        done(r, "Abort")
+        self.done(r, "Abort")
     }
 
     async fn register_branch(
@@ -162,7 +179,7 @@ impl Dtm for DtmService {
             .co
             .register_branch(register_request(req.into_inner()))
             .await;
-        done(r, "RegisterBranch")
+        self.done(r, "RegisterBranch")
     }
 
     async fn prepare_workflow(
@@ -173,6 +190,7 @@ impl Dtm for DtmService {
             Ok(t) => self.co.prepare_workflow(t).await,
             Err(e) => Err(e),
         };
+        self.count("PrepareWorkflow", r.is_ok());
         let q = r.map_err(|e| {
             tracing::debug!("gRPC PrepareWorkflow: {e}");
             status_of(e)
@@ -203,7 +221,7 @@ impl Dtm for DtmService {
 
     async fn subscribe(&self, req: Request<DtmTopicRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        done(
+        self.done(
             self.co.subscribe(&r.topic, &r.url, &r.remark).await,
             "Subscribe",
         )
@@ -211,7 +229,7 @@ impl Dtm for DtmService {
 
     async fn unsubscribe(&self, req: Request<DtmTopicRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        done(self.co.unsubscribe(&r.topic, &r.url).await, "Unsubscribe")
+        self.done(self.co.unsubscribe(&r.topic, &r.url).await, "Unsubscribe")
     }
 
     async fn delete_topic(&self, req: Request<DtmTopicRequest>) -> Result<Response<()>, Status> {
@@ -223,14 +241,14 @@ impl Dtm for DtmService {
         } else {
             self.co.delete_topic(&r.topic).await
         };
-        done(res, "DeleteTopic")
+        self.done(res, "DeleteTopic")
     }
 }
 
 /// Serve `dtmgimp.Dtm` and reflection on `listener` until `shutdown` resolves, then let
 /// the requests in progress finish.
 pub async fn serve(
-    co: Arc<Coordinator>,
+    svc: DtmService,
     listener: TcpListener,
     max_message: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -241,7 +259,7 @@ pub async fn serve(
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dtm_proto::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let dtm = DtmServer::new(DtmService::new(co))
+    let dtm = DtmServer::new(svc)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -85,9 +85,10 @@ impl Server {
         let timeout_to_fail = opts.settings.timeout_to_fail;
         let co = Arc::new(Coordinator::new(store, caller, opts.settings));
         let (stop, stop_rx) = watch::channel(false);
+        let metrics = Arc::new(metrics::Metrics::default());
         let state = api::AppState {
             co: Arc::clone(&co),
-            metrics: Arc::new(metrics::Metrics::default()),
+            metrics: Arc::clone(&metrics),
             timeout_to_fail,
         };
         let app = api::router(state, opts.max_body);
@@ -110,10 +111,10 @@ impl Server {
                 let shutdown = async move {
                     let _ = grpc_stop.wait_for(|s| *s).await;
                 };
-                let co = Arc::clone(&co);
+                let svc = grpc::DtmService::new(Arc::clone(&co)).with_metrics(metrics);
                 let max = opts.max_body;
                 let h = tokio::spawn(async move {
-                    if let Err(e) = grpc::serve(co, l, max, shutdown).await {
+                    if let Err(e) = grpc::serve(svc, l, max, shutdown).await {
                         tracing::error!("gRPC server failed: {e:#}");
                     }
                 });

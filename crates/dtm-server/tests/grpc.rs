@@ -161,6 +161,22 @@ async fn grpc_new_gid_and_input_errors() -> R {
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted, "{err:?}");
     assert!(err.message().contains("FAILURE"), "{err:?}");
+
+    // gRPC calls are counted as dtm labels them
+    let m =
+        e.s.http
+            .get(e.s.api.replace("/dtmsvr", "/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+    for line in [
+        r#"dtm_server_process_total{type="grpc",api="newgid",status="ok"} 2"#,
+        r#"dtm_server_process_total{type="grpc",api="submit",status="fail"} 3"#,
+        r#"dtm_server_process_total{type="grpc",api="registerbranch",status="fail"} 1"#,
+    ] {
+        assert!(m.contains(line), "{line} not in\n{m}");
+    }
     Ok(())
 }
 
