@@ -180,7 +180,8 @@ impl GrpcCaller {
             Ok(r) => r,
             Err(e) => return BranchOutcome::Error(e),
         };
-        let mut grpc = tonic::client::Grpc::new(channel);
+        // the answer is discarded; a large one must not turn a success into an error
+        let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
         let fut = async {
             grpc.ready().await.map_err(|e| {
                 Status::unavailable(format!("cannot connect to gRPC branch {target}: {e}"))
