@@ -486,7 +486,7 @@ async fn saga_grpc_request_timeout_and_unreachable_branch() -> R {
     let mut e = setup().await?;
     // the branch answers after the deadline: an error, retried until it is fast again
     let gid = e.gid().await?;
-    e.b.set_delay(Duration::from_millis(1500));
+    e.b.set_delay(Duration::from_millis(3000));
     let mut r = e.saga(&gid, &[("TransOut", "")]);
     r.trans_options = opts(|o| {
         o.wait_result = true;
@@ -495,7 +495,7 @@ async fn saga_grpc_request_timeout_and_unreachable_branch() -> R {
     let started = Instant::now();
     let err = e.dtm.submit(r).await.unwrap_err();
     assert!(
-        started.elapsed() < Duration::from_millis(1400),
+        started.elapsed() < Duration::from_millis(2500),
         "the call gave up at its 1s deadline"
     );
     assert_eq!(err.code(), Code::Aborted, "{err:?}");
