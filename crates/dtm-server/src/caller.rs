@@ -155,13 +155,17 @@ impl HttpCaller {
         let Some(method) = jrpc_method(&c.url) else {
             return BranchOutcome::Error(format!("JSON-RPC URL {} has no method parameter", c.url));
         };
+        // an empty body (msg back-check) or null payload gives params with the ids only
         let mut params = match serde_json::from_slice::<serde_json::Value>(&c.body) {
             Ok(serde_json::Value::Object(m)) => m,
             Ok(serde_json::Value::Null) => serde_json::Map::new(),
+            _ if c.body.is_empty() => serde_json::Map::new(),
             _ => {
-                return BranchOutcome::Error(
-                    "a JSON-RPC branch payload must be a JSON object".to_string(),
-                );
+                return BranchOutcome::Error(format!(
+                    "the payload of branch {} ({}) is not a JSON object, which a JSON-RPC call \
+                     needs as params: give this step an object payload",
+                    c.branch_id, c.op
+                ));
             }
         };
         for (k, v) in [
