@@ -73,7 +73,10 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => fail(&format!("cannot start the runtime: {e}")),
     };
-    if let Err(e) = rt.block_on(run(cfg)) {
+    let result = rt.block_on(run(cfg));
+    // the store is closed and flushed by now; idle pooled connections need not linger
+    rt.shutdown_timeout(Duration::from_millis(200));
+    if let Err(e) = result {
         tracing::error!("{e:#}");
         std::process::exit(1);
     }
