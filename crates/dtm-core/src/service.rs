@@ -578,7 +578,7 @@ impl Coordinator {
             finish_time: (st != status::PREPARED).then_some(t),
             ..Default::default()
         };
-        let data = req.get("data").as_bytes().to_vec();
+        let data = req.body();
         let rows = match tt.as_str() {
             trans_type::TCC => vec![
                 mk(

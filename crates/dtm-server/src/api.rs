@@ -373,6 +373,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .nest("/api/dtmsvr", api)
         .route("/api/ping", any(ping))
+        .route("/api/json-rpc", post(crate::jrpc::handle))
         .route("/api/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))

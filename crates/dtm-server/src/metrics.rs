@@ -7,9 +7,19 @@ use std::sync::Mutex;
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// gRPC requests by lowercased method name and outcome.
+    grpc_requests: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Metrics {
+    /// Count a `dtmgimp.Dtm` call (`api` = the lowercased method name, as dtm labels it).
+    pub fn count_grpc(&self, api: &str, ok: bool) {
+        if let Ok(mut m) = self.grpc_requests.lock() {
+            *m.entry((api.to_ascii_lowercase(), if ok { "ok" } else { "fail" }))
+                .or_default() += 1;
+        }
+    }
+
     pub fn count_request(&self, api: &str, ok: bool) {
         if let Ok(mut m) = self.requests.lock() {
             // bound the label set: only known APIs keep their name
@@ -34,6 +44,13 @@ impl Metrics {
             for ((api, status), n) in m.iter() {
                 out.push_str(&format!(
                     "dtm_server_process_total{{type=\"http\",api=\"{api}\",status=\"{status}\"}} {n}\n"
+                ));
+            }
+        }
+        if let Ok(m) = self.grpc_requests.lock() {
+            for ((api, status), n) in m.iter() {
+                out.push_str(&format!(
+                    "dtm_server_process_total{{type=\"grpc\",api=\"{api}\",status=\"{status}\"}} {n}\n"
                 ));
             }
         }

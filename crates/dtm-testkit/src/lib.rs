@@ -2,6 +2,11 @@
 //! backend named by `DTM_TEST_STORE` (default `sqlite`), and small HTTP helpers.
 
 pub mod busi;
+pub mod busi_grpc;
+pub mod busi_jrpc;
+pub mod grpc;
+pub mod load;
+pub mod proxy;
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +15,7 @@ use dtm_server::{Config, Options, Server};
 use serde_json::{Value, json};
 
 pub use busi::{Busi, slot};
+pub use busi_grpc::BusiGrpc;
 
 /// The backend the scenario tests run on: `DTM_TEST_STORE`, default `sqlite`.
 pub fn test_store() -> String {
@@ -126,17 +132,24 @@ pub struct TestServer {
     pub server: Server,
     /// e.g. `http://127.0.0.1:PORT/api/dtmsvr`
     pub api: String,
+    /// `127.0.0.1:PORT` of the gRPC API (`dtmgimp.Dtm`).
+    pub grpc: String,
     pub http: reqwest::Client,
     /// The configuration the server was started with (its store is its own).
     pub config: Config,
     _dir: tempfile::TempDir,
+    _ns: NamespaceGuard,
 }
 
-impl Drop for TestServer {
-    /// Drop the server's schema / database (postgres, mysql). Runs on a thread of its own,
-    /// since the test's runtime may be the single thread that is dropping this.
+/// Drops a test server's schema / database (postgres, mysql) when the server is dropped.
+/// A field rather than `Drop` on [`TestServer`], so tests may still move fields out of it.
+struct NamespaceGuard(Option<dtm_store::SqlOptions>);
+
+impl Drop for NamespaceGuard {
+    /// Runs on a thread of its own, since the test's runtime may be the single thread that
+    /// is dropping this.
     fn drop(&mut self) {
-        let Ok(o) = self.config.sql_options() else {
+        let Some(o) = self.0.take() else {
             return;
         };
         let _ = std::thread::spawn(move || {
@@ -181,20 +194,25 @@ impl TestServer {
             .await
             .context("opening the test store")?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let server = Server::start(
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let grpc = grpc_listener.local_addr()?.to_string();
+        let server = Server::start_with_grpc(
             Options {
                 settings,
                 max_body: 1 << 20,
             },
             store,
             listener,
+            Some(grpc_listener),
         )
         .await?;
         let api = format!("http://{}/api/dtmsvr", server.http_addr);
         Ok(TestServer {
             server,
             api,
+            grpc,
             http: reqwest::Client::builder().no_proxy().build()?,
+            _ns: NamespaceGuard(cfg.sql_options().ok()),
             config: cfg,
             _dir: dir,
         })
@@ -378,6 +396,7 @@ impl ProcServer {
         let port = free_port()?;
         let mut env = cfg.store_env();
         env.push(("HTTP_PORT".into(), port.to_string()));
+        env.push(("GRPC_PORT".into(), free_port()?.to_string()));
         env.push(("LISTEN_HOST".into(), "127.0.0.1".into()));
         for (k, v) in extra {
             env.push((k.to_string(), v.to_string()));
