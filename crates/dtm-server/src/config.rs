@@ -50,7 +50,10 @@ const KEYS: &[Key] = &[
     int("Store.ConnMaxLifeTime", "5"),
     int("Store.DataExpire", "604800"),
     int("Store.FinishedDataExpire", "86400"),
-    text("Store.RedisPrefix", "{a}"),
+    // dtm's default is {a}, a hash tag that pins every key to one Redis Cluster slot
+    text("Store.RedisPrefix", "dtm:"),
+    // dtm-rs: Redis shards (hash tags) that transactions are spread over
+    int("Store.RedisShards", "16"),
     // dtm-rs: file of the embedded store, and its durability (full | normal)
     text("Store.File", "dtm.sqlite"),
     text("Store.Synchronous", "full"),
@@ -287,7 +290,11 @@ impl Config {
         }
         match self.driver() {
             "sqlite" => {}
-            "mysql" | "postgres" | "redis" => {
+            "redis" => {
+                let warnings = crate::redis_config::validate(self)?;
+                self.warnings.extend(warnings);
+            }
+            "mysql" | "postgres" => {
                 return Err(format!(
                     "Store.Driver (STORE_DRIVER) '{}' is not available in this build; use sqlite (or boltdb, its alias) for the embedded store",
                     self.driver()
@@ -295,7 +302,7 @@ impl Config {
             }
             other => {
                 return Err(format!(
-                    "Store.Driver (STORE_DRIVER) '{other}' is unknown: use sqlite (alias boltdb)"
+                    "Store.Driver (STORE_DRIVER) '{other}' is unknown: use sqlite (alias boltdb) or redis"
                 ));
             }
         }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod caller;
 pub mod config;
 pub mod metrics;
+pub mod redis_config;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,6 +48,12 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
             let s = dtm_store::SqliteStore::open(&cfg.store_file(), sync)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(Arc::new(s))
+        }
+        "redis" => {
+            let opts = redis_config::options(cfg).map_err(anyhow::Error::msg)?;
+            Ok(Arc::new(
+                dtm_store::RedisStore::open(opts).map_err(|e| anyhow::anyhow!("{e}"))?,
+            ))
         }
         other => anyhow::bail!("store driver {other} is not available in this build"),
     }

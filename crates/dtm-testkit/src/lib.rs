@@ -36,7 +36,36 @@ pub fn test_config(dir: &std::path::Path) -> anyhow::Result<Config> {
         dir.join("dtm.sqlite").to_string_lossy().to_string(),
     )
     .map_err(anyhow::Error::msg)?;
+    if store == "redis" {
+        redis_test_config(&mut c)?;
+    }
     Ok(c)
+}
+
+/// Redis: the local server unless STORE_HOST is set, and a key prefix of its own for each
+/// test server (tests run concurrently, and a recovery loop would claim other servers'
+/// transactions).
+fn redis_test_config(c: &mut Config) -> anyhow::Result<()> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if std::env::var("STORE_HOST").is_err() {
+        c.set("Store.Host", "127.0.0.1")
+            .map_err(anyhow::Error::msg)?;
+        c.set("Store.Port", "6379").map_err(anyhow::Error::msg)?;
+    }
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    c.set(
+        "Store.RedisPrefix",
+        format!("dtmtest:{stamp}:{}:{n}:", std::process::id()),
+    )
+    .map_err(anyhow::Error::msg)?;
+    // finished test transactions go away after an hour
+    c.set("Store.FinishedDataExpire", "3600")
+        .map_err(anyhow::Error::msg)?;
+    Ok(())
 }
 
 /// A dtm-rs server running inside the test process.
