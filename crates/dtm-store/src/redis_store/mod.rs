@@ -826,6 +826,9 @@ impl Store for RedisStore {
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+        if self.writer.lock().map(|w| w.is_none()).unwrap_or(true) {
+            return Err(StoreError::Unavailable("the store is shutting down".into()));
+        }
         let l = self.layout().await?;
         match op {
             WriteOp::ClaimDue {

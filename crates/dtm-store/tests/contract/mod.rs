@@ -19,6 +19,7 @@ macro_rules! contract_tests {
     ($open:path) => {
         $crate::contract_tests!($open;
             save_new_and_read_back,
+            save_new_with_many_branches,
             save_new_conflicts_on_gid_and_duplicate_branches,
             add_branches_guards_status_and_uniqueness,
             update_global_guards_status_and_owner,
@@ -214,6 +215,34 @@ pub async fn save_new_and_read_back(s: S<'_>) {
             .unwrap_or_else(|e| panic!("{e}"))
             .is_empty()
     );
+}
+
+pub async fn save_new_with_many_branches(s: S<'_>) {
+    let bs: Vec<Branch> = (0..1500)
+        .map(|i| branch("many", &format!("{i:04}"), "action"))
+        .collect();
+    save(s, global("many", "prepared", None), bs).await;
+    let got = branches(s, "many").await;
+    assert_eq!(got.len(), 1500);
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, b)| b.0 == format!("{i:04}")),
+        "insertion order"
+    );
+    let more: Vec<Branch> = (1500..2600)
+        .map(|i| branch("many", &format!("{i:04}"), "action"))
+        .collect();
+    ok(
+        s,
+        WriteOp::AddBranches {
+            gid: "many".into(),
+            expect_status: "prepared".into(),
+            branches: more,
+        },
+    )
+    .await;
+    assert_eq!(branches(s, "many").await.len(), 2600);
 }
 
 pub async fn save_new_conflicts_on_gid_and_duplicate_branches(s: S<'_>) {
