@@ -339,6 +339,15 @@ impl Config {
         PathBuf::from(self.str("Store.File"))
     }
 
+    /// The `Store.*` values as environment variables, to start another `dtm` process on
+    /// the same store.
+    pub fn store_env(&self) -> Vec<(String, String)> {
+        KEYS.iter()
+            .filter(|k| k.path.starts_with("Store."))
+            .map(|k| (env_name(k.path), self.str(k.path).to_string()))
+            .collect()
+    }
+
     /// Override one value (tests and the CLI).
     pub fn set(&mut self, k: &str, v: impl Into<String>) -> Result<(), String> {
         let key = KEYS

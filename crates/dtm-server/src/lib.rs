@@ -4,6 +4,9 @@
 pub mod api;
 pub mod caller;
 pub mod config;
+pub mod grpc;
+pub mod grpc_caller;
+pub mod jrpc;
 pub mod metrics;
 pub mod redis_config;
 
@@ -24,9 +27,12 @@ pub const VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"));
 /// A running server.
 pub struct Server {
     pub http_addr: SocketAddr,
+    /// Where `dtmgimp.Dtm` is served, when started with [`Server::start_with_grpc`].
+    pub grpc_addr: Option<SocketAddr>,
     pub coordinator: Arc<Coordinator>,
     stop: watch::Sender<bool>,
     http: JoinHandle<()>,
+    grpc: Option<JoinHandle<()>>,
     recovery: JoinHandle<()>,
 }
 
@@ -34,6 +40,12 @@ pub struct Server {
 pub struct Options {
     pub settings: Settings,
     pub max_body: usize,
+}
+
+/// Install the TLS crypto provider HTTP clients use (idempotent). Call before building any
+/// `reqwest::Client`.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Open the store a configuration names.
@@ -66,13 +78,24 @@ impl Server {
         store: Arc<dyn Store>,
         listener: TcpListener,
     ) -> anyhow::Result<Server> {
+        Self::start_with_grpc(opts, store, listener, None).await
+    }
+
+    /// Start the HTTP API, the gRPC API (when a listener is given) and the recovery loop.
+    pub async fn start_with_grpc(
+        opts: Options,
+        store: Arc<dyn Store>,
+        listener: TcpListener,
+        grpc_listener: Option<TcpListener>,
+    ) -> anyhow::Result<Server> {
         let caller = Arc::new(caller::HttpCaller::new()?);
         let timeout_to_fail = opts.settings.timeout_to_fail;
         let co = Arc::new(Coordinator::new(store, caller, opts.settings));
         let (stop, stop_rx) = watch::channel(false);
+        let metrics = Arc::new(metrics::Metrics::default());
         let state = api::AppState {
             co: Arc::clone(&co),
-            metrics: Arc::new(metrics::Metrics::default()),
+            metrics: Arc::clone(&metrics),
             timeout_to_fail,
         };
         let app = api::router(state, opts.max_body);
@@ -88,12 +111,32 @@ impl Server {
                 tracing::error!("HTTP server failed: {e}");
             }
         });
+        let (grpc_addr, grpc) = match grpc_listener {
+            Some(l) => {
+                let addr = l.local_addr()?;
+                let mut grpc_stop = stop_rx.clone();
+                let shutdown = async move {
+                    let _ = grpc_stop.wait_for(|s| *s).await;
+                };
+                let svc = grpc::DtmService::new(Arc::clone(&co)).with_metrics(metrics);
+                let max = opts.max_body;
+                let h = tokio::spawn(async move {
+                    if let Err(e) = grpc::serve(svc, l, max, shutdown).await {
+                        tracing::error!("gRPC server failed: {e:#}");
+                    }
+                });
+                (Some(addr), Some(h))
+            }
+            None => (None, None),
+        };
         let recovery = tokio::spawn(dtm_core::recovery::run(Arc::clone(&co), stop_rx));
         Ok(Server {
             http_addr,
+            grpc_addr,
             coordinator: co,
             stop,
             http,
+            grpc,
             recovery,
         })
     }
@@ -102,6 +145,9 @@ impl Server {
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop.send(true);
         let _ = self.http.await;
+        if let Some(g) = self.grpc {
+            let _ = g.await;
+        }
         let _ = self.recovery.await;
         let deadline = tokio::time::Instant::now() + grace;
         while self.coordinator.inflight_count() > 0 && tokio::time::Instant::now() < deadline {

@@ -73,7 +73,10 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => fail(&format!("cannot start the runtime: {e}")),
     };
-    if let Err(e) = rt.block_on(run(cfg)) {
+    let result = rt.block_on(run(cfg));
+    // the store is closed and flushed by now; idle pooled connections need not linger
+    rt.shutdown_timeout(Duration::from_millis(200));
+    if let Err(e) = result {
         tracing::error!("{e:#}");
         std::process::exit(1);
     }
@@ -98,11 +101,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         settings: cfg.settings(),
         max_body: cfg.int("HttpMaxBodyBytes") as usize,
     };
-    let server = Server::start(opts, store.clone(), listener).await?;
+    let grpc_addr = format!("{}:{}", cfg.str("ListenHost"), cfg.int("GrpcPort"));
+    let grpc_listener = TcpListener::bind(&grpc_addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {grpc_addr} for gRPC: {e}; set GRPC_PORT to a free port")
+    })?;
+    let server =
+        Server::start_with_grpc(opts, store.clone(), listener, Some(grpc_listener)).await?;
     tracing::info!(
-        "dtm-rs {} listening on http://{} ; store {}",
+        "dtm-rs {} listening on http://{} and gRPC {} ; store {}",
         dtm_server::VERSION,
         server.http_addr,
+        grpc_addr,
         store.describe()
     );
     wait_for_signal().await;

@@ -188,6 +188,7 @@ impl SqliteStore {
         ))
         .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = std::thread::Builder::new()
             .name("dtm-sqlite-writer".into())

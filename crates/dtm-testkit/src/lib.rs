@@ -2,6 +2,9 @@
 //! backend named by `DTM_TEST_STORE` (default `sqlite`), and small HTTP helpers.
 
 pub mod busi;
+pub mod busi_grpc;
+pub mod busi_jrpc;
+pub mod grpc;
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +13,7 @@ use dtm_server::{Config, Options, Server};
 use serde_json::{Value, json};
 
 pub use busi::{Busi, slot};
+pub use busi_grpc::BusiGrpc;
 
 /// The backend the scenario tests run on: `DTM_TEST_STORE`, default `sqlite`.
 pub fn test_store() -> String {
@@ -73,6 +77,8 @@ pub struct TestServer {
     pub server: Server,
     /// e.g. `http://127.0.0.1:PORT/api/dtmsvr`
     pub api: String,
+    /// `127.0.0.1:PORT` of the gRPC API (`dtmgimp.Dtm`).
+    pub grpc: String,
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
@@ -95,23 +101,28 @@ impl TestServer {
     }
 
     pub async fn start_with(settings: dtm_core::Settings) -> anyhow::Result<TestServer> {
+        dtm_server::install_crypto();
         let dir = tempfile::tempdir()?;
         let cfg = test_config(dir.path())?;
         let store = dtm_server::open_store(&cfg).context("opening the test store")?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let server = Server::start(
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let grpc = grpc_listener.local_addr()?.to_string();
+        let server = Server::start_with_grpc(
             Options {
                 settings,
                 max_body: 1 << 20,
             },
             store,
             listener,
+            Some(grpc_listener),
         )
         .await?;
         let api = format!("http://{}/api/dtmsvr", server.http_addr);
         Ok(TestServer {
             server,
             api,
+            grpc,
             http: reqwest::Client::builder().no_proxy().build()?,
             _dir: dir,
         })
@@ -264,4 +275,116 @@ pub fn with(mut v: Value, extra: Value) -> Value {
         }
     }
     v
+}
+
+/// A `dtm` server running as a child process (for crash tests).
+pub struct ProcServer {
+    child: tokio::process::Child,
+    pub api: String,
+    bin: std::path::PathBuf,
+    env: Vec<(String, String)>,
+    log: std::path::PathBuf,
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl ProcServer {
+    /// Start `bin` with the store of `cfg` and these extra environment variables, and wait
+    /// until it answers `/api/ping`. Its log goes to `log`.
+    pub async fn spawn(
+        bin: &std::path::Path,
+        cfg: &Config,
+        extra: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> anyhow::Result<ProcServer> {
+        dtm_server::install_crypto();
+        let port = free_port()?;
+        let mut env = cfg.store_env();
+        env.push(("HTTP_PORT".into(), port.to_string()));
+        env.push(("GRPC_PORT".into(), free_port()?.to_string()));
+        env.push(("LISTEN_HOST".into(), "127.0.0.1".into()));
+        for (k, v) in extra {
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut p = ProcServer {
+            child: Self::start_child(bin, &env, log)?,
+            api: format!("http://127.0.0.1:{port}/api/dtmsvr"),
+            bin: bin.to_path_buf(),
+            env,
+            log: log.to_path_buf(),
+        };
+        p.wait_ready().await?;
+        Ok(p)
+    }
+
+    fn start_child(
+        bin: &std::path::Path,
+        env: &[(String, String)],
+        log: &std::path::Path,
+    ) -> anyhow::Result<tokio::process::Child> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let err = out.try_clone()?;
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.env_clear()
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        cmd.spawn()
+            .with_context(|| format!("starting {}", bin.display()))
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let ping = self.api.replace("/dtmsvr", "/ping");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(&ping).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                anyhow::bail!("dtm exited with {st}; see {}", self.log.display());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "dtm did not start; see {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: the process dies at whatever instruction it is at.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// Start again with the same store and port.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = Self::start_child(&self.bin, &self.env, &self.log)?;
+        self.wait_ready().await
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()?;
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??)
+    }
 }
