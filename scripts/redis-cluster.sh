@@ -4,6 +4,7 @@
 #   scripts/redis-cluster.sh start   # start it (idempotent), print the node list
 #   scripts/redis-cluster.sh stop    # stop it and remove its files
 #   scripts/redis-cluster.sh nodes   # print the node list
+#   scripts/redis-cluster.sh status  # exit 0 when the cluster is up and ready
 #
 # Then run the cluster tests with
 #   DTM_TEST_REDIS_CLUSTER=$(scripts/redis-cluster.sh nodes) cargo test -p dtm-store --test redis
@@ -63,6 +64,10 @@ start() {
   nodes
 }
 
+status() {
+  command -v redis-cli >/dev/null && redis-cli -p "${ports[0]}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'
+}
+
 stop() {
   for p in "${ports[@]}"; do
     if [ -f "$dir/redis-$p.pid" ]; then
@@ -82,5 +87,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   nodes) nodes ;;
-  *) echo "usage: $0 start|stop|nodes" >&2; exit 2 ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|nodes|status" >&2; exit 2 ;;
 esac
