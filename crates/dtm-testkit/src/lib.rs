@@ -5,6 +5,8 @@ pub mod busi;
 pub mod busi_grpc;
 pub mod busi_jrpc;
 pub mod grpc;
+pub mod load;
+pub mod proxy;
 
 use std::time::{Duration, Instant};
 
