@@ -298,21 +298,7 @@ impl RedisStore {
                         ))
                     })?,
                 };
-                // An allkeys-* eviction policy may drop unfinished transactions under memory
-                // pressure. CONFIG may be refused (managed Redis): then nothing is said.
-                let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg("maxmemory-policy")
-                    .query_async(&mut c)
-                    .await;
-                if let Some(p) = policy.ok().and_then(|v| v.get(1).cloned())
-                    && p.starts_with("allkeys")
-                {
-                    tracing::warn!(
-                        "Redis at {} has maxmemory-policy {p}: under memory pressure it may evict unfinished transactions; use noeviction (or a volatile-* policy, which only evicts finished ones)",
-                        inner.target
-                    );
-                }
+                warn_if_evicting(&mut c, &inner.target).await;
                 if shards != inner.opts.shards {
                     tracing::warn!(
                         "Store.RedisShards is {} but the data under prefix '{}' was written with {shards} shards; using {shards}",
@@ -634,6 +620,23 @@ impl RedisStore {
             .collect();
         let frontier = (done == 0).then(|| (last_score.parse::<i64>().unwrap_or(0), last_gid));
         Ok((matches, frontier))
+    }
+}
+
+/// An allkeys-* eviction policy may drop unfinished transactions under memory pressure:
+/// say so. CONFIG may be refused (managed Redis); then nothing is said.
+async fn warn_if_evicting(c: &mut Conn, target: &str) {
+    let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(c)
+        .await;
+    if let Some(p) = policy.ok().and_then(|v| v.get(1).cloned())
+        && p.starts_with("allkeys")
+    {
+        tracing::warn!(
+            "Redis at {target} has maxmemory-policy {p}: under memory pressure it may evict unfinished transactions; use noeviction (or a volatile-* policy, which only evicts finished ones)"
+        );
     }
 }
 
