@@ -48,9 +48,10 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Open the store a configuration names.
-pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    match cfg.driver() {
+/// Open the store a configuration names, and start its retention cleanup
+/// (`Store.FinishedDataExpire`). SQL stores are created or migrated on the way.
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let store: Arc<dyn Store> = match cfg.driver() {
         "sqlite" => {
             let sync = if cfg.str("Store.Synchronous").eq_ignore_ascii_case("normal") {
                 dtm_store::SqliteSync::Normal
@@ -59,16 +60,86 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
             };
             let s = dtm_store::SqliteStore::open(&cfg.store_file(), sync)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(Arc::new(s))
+            Arc::new(s)
+        }
+        "postgres" | "mysql" => {
+            let o = cfg.sql_options().map_err(anyhow::Error::msg)?;
+            let s = dtm_store::SqlStore::open(&o)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Arc::new(s)
         }
         "redis" => {
-            let opts = redis_config::options(cfg).map_err(anyhow::Error::msg)?;
-            Ok(Arc::new(
-                dtm_store::RedisStore::open(opts).map_err(|e| anyhow::anyhow!("{e}"))?,
-            ))
+            let o = redis_config::options(cfg).map_err(anyhow::Error::msg)?;
+            Arc::new(dtm_store::RedisStore::open(o).map_err(|e| anyhow::anyhow!("{e}"))?)
         }
         other => anyhow::bail!("store driver {other} is not available in this build"),
+    };
+    spawn_retention(&store, cfg.int("Store.FinishedDataExpire"));
+    Ok(store)
+}
+
+/// `dtm migrate`: create or migrate the store's tables, then close it.
+pub async fn migrate(cfg: &Config) -> anyhow::Result<String> {
+    match cfg.driver() {
+        "postgres" | "mysql" => {
+            let o = cfg.sql_options().map_err(anyhow::Error::msg)?;
+            let s = dtm_store::SqlStore::open(&o)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            s.close().await;
+            Ok(o.describe())
+        }
+        "sqlite" => {
+            let s = dtm_store::SqliteStore::open(&cfg.store_file(), dtm_store::SqliteSync::Full)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let d = s.describe();
+            s.close().await;
+            Ok(d)
+        }
+        other => anyhow::bail!("store driver {other} has no tables to migrate"),
     }
+}
+
+/// Rows deleted per retention call.
+const PURGE_BATCH: usize = 500;
+
+/// Delete finished transactions older than `expire_secs` (`Store.FinishedDataExpire`)
+/// now and then, until the store is dropped. Unfinished ones are never deleted. A value of
+/// 0 or less keeps everything.
+pub fn spawn_retention(store: &Arc<dyn Store>, expire_secs: i64) -> Option<JoinHandle<()>> {
+    if expire_secs <= 0 {
+        return None;
+    }
+    let weak = Arc::downgrade(store);
+    let every = Duration::from_secs((expire_secs as u64 / 10).clamp(1, 60));
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(store) = weak.upgrade() else { break };
+            let before = chrono::Utc::now() - chrono::Duration::seconds(expire_secs);
+            let mut total = 0;
+            loop {
+                match store.purge_finished(before, PURGE_BATCH).await {
+                    Ok(n) => {
+                        total += n;
+                        if n < PURGE_BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("retention cleanup failed, trying again later: {e}");
+                        break;
+                    }
+                }
+            }
+            if total > 0 {
+                tracing::info!(
+                    "retention: deleted {total} transactions finished more than {expire_secs}s ago"
+                );
+            }
+        }
+    }))
 }
 
 impl Server {

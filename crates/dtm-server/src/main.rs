@@ -6,7 +6,8 @@ use std::time::Duration;
 use dtm_server::{Config, Options, Server};
 use tokio::net::TcpListener;
 
-const USAGE: &str = "Usage: dtm [-c conf.yml] [-d] [-v]
+const USAGE: &str = "Usage: dtm [migrate] [-c conf.yml] [-d] [-v]
+  migrate  create or upgrade the store's tables (postgres, mysql, sqlite), then exit
   -c FILE  read the configuration from a YAML file (dtm's keys); environment variables
            such as STORE_DRIVER, HTTP_PORT, RETRY_INTERVAL apply under it
   -d       debug logging
@@ -22,8 +23,10 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut conf: Option<PathBuf> = None;
     let mut debug = false;
+    let mut migrate = false;
     while let Some(a) = args.next() {
         match a.as_str() {
+            "migrate" => migrate = true,
             "-c" => match args.next() {
                 Some(p) => conf = Some(PathBuf::from(p)),
                 None => fail("-c needs a file name\n".to_string().as_str()),
@@ -73,6 +76,18 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => fail(&format!("cannot start the runtime: {e}")),
     };
+    if migrate {
+        match rt.block_on(dtm_server::migrate(&cfg)) {
+            Ok(store) => {
+                tracing::info!("store {store}: tables are up to date");
+                return;
+            }
+            Err(e) => {
+                tracing::error!("migration failed: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     let result = rt.block_on(run(cfg));
     // the store is closed and flushed by now; idle pooled connections need not linger
     rt.shutdown_timeout(Duration::from_millis(200));
@@ -83,7 +98,17 @@ fn main() {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let store = dtm_server::open_store(&cfg)?;
+    // Wait for the database rather than exit: it may start after dtm.
+    let store = loop {
+        match dtm_server::open_store(&cfg).await {
+            Ok(s) => break s,
+            Err(e) if cfg.driver() == "sqlite" => return Err(e),
+            Err(e) => {
+                tracing::warn!("cannot open the store: {e:#}; retrying in 3s");
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        }
+    };
     loop {
         match store.ping().await {
             Ok(()) => break,

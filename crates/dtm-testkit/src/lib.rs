@@ -25,53 +25,110 @@ pub fn test_store() -> String {
 /// Configuration for a test server on the backend of `DTM_TEST_STORE`. Connection values
 /// come from the usual `STORE_*` environment variables when set, else from the local
 /// defaults (Postgres 5432 user postgres, MariaDB 3306 root, Redis 6379).
+///
+/// Every call gives a store of its own, so that tests running at once do not see (and
+/// their recovery loops do not claim) each other's transactions: a file in `dir` for
+/// sqlite, a fresh schema `dtm_t_<time>_<random>` in database `dtm_test` for postgres, a
+/// fresh database `dtm_t_<time>_<random>` for mysql. [`TestServer`] drops the schema or
+/// database when it is dropped; ones left by killed runs are dropped after 20 minutes.
 pub fn test_config(dir: &std::path::Path) -> anyhow::Result<Config> {
     let store = test_store();
+    let ns = namespace_name();
+    let (defaults, ns_key): (&[(&str, &str)], Option<&str>) = match store.as_str() {
+        "postgres" => (
+            &[
+                ("STORE_HOST", "127.0.0.1"),
+                ("STORE_PORT", "5432"),
+                ("STORE_USER", "postgres"),
+                ("STORE_DB", "dtm_test"),
+            ],
+            Some("STORE_SCHEMA"),
+        ),
+        "mysql" => (
+            &[
+                ("STORE_HOST", "127.0.0.1"),
+                ("STORE_PORT", "3306"),
+                ("STORE_USER", "root"),
+            ],
+            Some("STORE_DB"),
+        ),
+        "redis" => (
+            &[("STORE_HOST", "127.0.0.1"), ("STORE_PORT", "6379")],
+            Some("STORE_REDIS_PREFIX"),
+        ),
+        _ => (&[], None),
+    };
     let mut c = Config::load(None, |k| {
-        if k.starts_with("STORE_") {
-            std::env::var(k).ok()
-        } else {
-            None
+        if k == "STORE_DRIVER" {
+            return Some(store.clone());
         }
+        if Some(k) == ns_key {
+            return Some(ns.clone());
+        }
+        if k == "STORE_MAX_OPEN_CONNS" {
+            return Some("8".into());
+        }
+        if !k.starts_with("STORE_") {
+            return None;
+        }
+        std::env::var(k).ok().filter(|v| !v.is_empty()).or_else(|| {
+            defaults
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
     })
     .map_err(|e| anyhow::anyhow!(e))?;
-    c.set("Store.Driver", store.as_str())
-        .map_err(anyhow::Error::msg)?;
     c.set(
         "Store.File",
         dir.join("dtm.sqlite").to_string_lossy().to_string(),
     )
     .map_err(anyhow::Error::msg)?;
-    if store == "redis" {
-        redis_test_config(&mut c)?;
-    }
     Ok(c)
 }
 
-/// Redis: the local server unless STORE_HOST is set, and a key prefix of its own for each
-/// test server (tests run concurrently, and a recovery loop would claim other servers'
-/// transactions).
-fn redis_test_config(c: &mut Config) -> anyhow::Result<()> {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    if std::env::var("STORE_HOST").is_err() {
-        c.set("Store.Host", "127.0.0.1")
-            .map_err(anyhow::Error::msg)?;
-        c.set("Store.Port", "6379").map_err(anyhow::Error::msg)?;
-    }
-    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let stamp = std::time::SystemTime::now()
+const NS_PREFIX: &str = "dtm_t_";
+/// Test namespaces older than this are left from killed runs.
+const NS_STALE_SECS: u64 = 20 * 60;
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    c.set(
-        "Store.RedisPrefix",
-        format!("dtmtest:{stamp}:{}:{n}:", std::process::id()),
-    )
-    .map_err(anyhow::Error::msg)?;
-    // finished test transactions go away after an hour
-    c.set("Store.FinishedDataExpire", "3600")
-        .map_err(anyhow::Error::msg)?;
-    Ok(())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `dtm_t_<unix seconds>_<random>`: a plain lowercase identifier for both servers.
+fn namespace_name() -> String {
+    let r: String = dtm_core::new_gid()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(10)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    format!("{NS_PREFIX}{}_{r}", unix_secs())
+}
+
+/// Drop test namespaces that killed runs left behind.
+async fn sweep_stale_namespaces(o: &dtm_store::SqlOptions) {
+    let Ok(names) = dtm_store::sql::list_namespaces(o, NS_PREFIX).await else {
+        return;
+    };
+    let now = unix_secs();
+    for name in names {
+        let born = name
+            .strip_prefix(NS_PREFIX)
+            .and_then(|r| r.split('_').next())
+            .and_then(|t| t.parse::<u64>().ok());
+        if born.is_some_and(|b| now.saturating_sub(b) > NS_STALE_SECS) {
+            let mut old = o.clone();
+            match o.dialect {
+                dtm_store::sql::Dialect::Postgres => old.schema = name,
+                dtm_store::sql::Dialect::MySql => old.db = name,
+            }
+            let _ = dtm_store::sql::drop_namespace(&old).await;
+        }
+    }
 }
 
 /// A dtm-rs server running inside the test process.
@@ -82,7 +139,35 @@ pub struct TestServer {
     /// `127.0.0.1:PORT` of the gRPC API (`dtmgimp.Dtm`).
     pub grpc: String,
     pub http: reqwest::Client,
+    /// The configuration the server was started with (its store is its own).
+    pub config: Config,
     _dir: tempfile::TempDir,
+    _ns: NamespaceGuard,
+}
+
+/// Drops a test server's schema / database (postgres, mysql) when the server is dropped.
+/// A field rather than `Drop` on [`TestServer`], so tests may still move fields out of it.
+struct NamespaceGuard(Option<dtm_store::SqlOptions>);
+
+impl Drop for NamespaceGuard {
+    /// Runs on a thread of its own, since the test's runtime may be the single thread that
+    /// is dropping this.
+    fn drop(&mut self) {
+        let Some(o) = self.0.take() else {
+            return;
+        };
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = dtm_store::sql::drop_namespace(&o).await;
+                });
+            }
+        })
+        .join();
+    }
 }
 
 /// Engine settings for tests: short intervals so that retries and recovery happen within
@@ -106,7 +191,12 @@ impl TestServer {
         dtm_server::install_crypto();
         let dir = tempfile::tempdir()?;
         let cfg = test_config(dir.path())?;
-        let store = dtm_server::open_store(&cfg).context("opening the test store")?;
+        if let Ok(o) = cfg.sql_options() {
+            sweep_stale_namespaces(&o).await;
+        }
+        let store = dtm_server::open_store(&cfg)
+            .await
+            .context("opening the test store")?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let grpc = grpc_listener.local_addr()?.to_string();
@@ -126,6 +216,8 @@ impl TestServer {
             api,
             grpc,
             http: reqwest::Client::builder().no_proxy().build()?,
+            _ns: NamespaceGuard(cfg.sql_options().ok()),
+            config: cfg,
             _dir: dir,
         })
     }
