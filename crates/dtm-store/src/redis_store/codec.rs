@@ -98,8 +98,10 @@ pub(crate) fn decode_global(mut m: HashMap<String, String>) -> Option<TransGloba
     if m.is_empty() {
         return None;
     }
+    let id = m.get("id").and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut text = |k: &str| m.remove(k).unwrap_or_default();
     let mut g = TransGlobal {
+        id,
         gid: text("gid"),
         trans_type: text("trans_type"),
         status: text("status"),

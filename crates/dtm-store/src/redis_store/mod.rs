@@ -17,6 +17,7 @@
 //! | `P{s<k>}due` | zset | unfinished gids, score = `next_cron_time` ms (recovery) |
 //! | `P{s<k>}all` | zset | every gid, score = `create_time` ms (`GET /all`) |
 //! | `P{s<k>}exp` | zset | finished gids, score = when their keys expire (index cleanup) |
+//! | `P{s<k>}seq` | string | id counter of the shard (global id = counter * 1024 + k) |
 //! | `P{kv:<cat>}h` | hash | key -> `id\|version\|create_ms\|update_ms\|value` |
 //! | `P{kv:<cat>}ids` | zset | key, score = id (paging) |
 //! | `P{kv:<cat>}seq` | string | last KV id of the category |
@@ -37,9 +38,10 @@
 //!
 //! # Retention
 //!
-//! Unfinished transactions never expire. When a transaction finishes, its three keys get
-//! the TTL `Store.FinishedDataExpire` (0 keeps them forever) and leave the due index; their
-//! `all` entry is dropped by later writes in the shard once the TTL has passed.
+//! Unfinished transactions never expire. When a transaction finishes, it leaves the due
+//! index and its three keys expire `Store.FinishedDataExpire` seconds after its finishing
+//! update (`update_time`; 0 keeps them forever), by Redis's own key expiry; their `all`
+//! entry is dropped by later writes in the shard once that time has passed.
 
 mod codec;
 mod conn;
@@ -332,12 +334,14 @@ impl RedisStore {
             .map_err(|_| StoreError::Unavailable("the Redis store writer has stopped".into()))?
     }
 
-    fn finished_ttl(&self) -> i64 {
-        self.inner.opts.finished_ttl_secs.max(0)
-    }
-
-    fn expire_at(&self, now: &DateTime<Utc>) -> String {
-        (now.timestamp_millis() + self.finished_ttl() * 1000).to_string()
+    /// When the keys of a transaction finished at `finished` expire (unix ms), or "" to
+    /// keep them (`finished_ttl_secs` 0).
+    fn expire_at(&self, finished: &DateTime<Utc>) -> String {
+        let ttl = self.inner.opts.finished_ttl_secs;
+        if ttl <= 0 {
+            return String::new();
+        }
+        (finished.timestamp_millis() + ttl.saturating_mul(1000)).to_string()
     }
 
     /// Build the script call of a single-slot write.
@@ -361,15 +365,15 @@ impl RedisStore {
                 global,
                 branches: bs,
             } => {
-                let (keys, tag) = l.txn_keys(&global.gid);
+                let (mut keys, tag) = l.txn_keys(&global.gid);
+                keys.push(format!("{tag}seq"));
                 let now = global.update_time.unwrap_or_else(Utc::now);
                 let mut args = vec![
                     global.gid.clone(),
-                    ms(&now),
+                    l.shard(&global.gid).to_string(),
                     ms(&global.create_time.unwrap_or(now)),
                     global.status.clone(),
                     global.next_cron_time.as_ref().map(ms).unwrap_or_default(),
-                    self.finished_ttl().to_string(),
                     self.expire_at(&now),
                 ];
                 flat(codec::global_fields(&global), &mut args);
@@ -405,17 +409,14 @@ impl RedisStore {
                 branches: ups,
             } => {
                 let (keys, tag) = l.txn_keys(&gid);
-                let now = set.update_time;
                 let mut args = vec![
                     gid,
-                    ms(&now),
                     expect_status,
                     if expect_owner.is_some() { "1" } else { "0" }.to_string(),
                     expect_owner.unwrap_or_default(),
                     set.status.clone().unwrap_or_default(),
                     set.next_cron_time.as_ref().map(ms).unwrap_or_default(),
-                    self.finished_ttl().to_string(),
-                    self.expire_at(&now),
+                    self.expire_at(&set.update_time),
                 ];
                 flat(update_fields(&set), &mut args);
                 args.push(ups.len().to_string());

@@ -1,14 +1,13 @@
--- SaveNew. ARGV: gid, now, create_ms, status, next_ms|'', ttl, expire_at,
--- nfields, (field, value)*, nbranches, (key, record, state)*
+-- SaveNew. KEYS[7]: the shard's id counter. ARGV: gid, shard, create_ms, status,
+-- next_ms|'', expire_at|'', nfields, (field, value)*, nbranches, (key, record, state)*
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 'UNIQUE_CONFLICT'
 end
 local gid = arg()
-local now = arg()
+local shard = tonumber(arg())
 local created = arg()
 local status = arg()
 local next_ms = arg()
-local ttl = arg()
 local expire_at = arg()
 local fields = read_fields()
 local n = tonumber(arg())
@@ -18,6 +17,9 @@ if dup then
 end
 -- leftovers of an expired transaction with the same gid
 redis.call('DEL', KEYS[2], KEYS[3])
+-- ids are unique across shards (at most 1024 of them)
+local id = redis.call('INCR', KEYS[7]) * 1024 + shard
+redis.call('HSET', KEYS[1], 'id', string.format('%d', id))
 bulk('HSET', KEYS[1], fields)
 if n > 0 then
   bulk('RPUSH', KEYS[2], records)
@@ -25,5 +27,5 @@ if n > 0 then
 end
 redis.call('ZADD', KEYS[5], created, gid)
 redis.call('ZREM', KEYS[6], gid)
-settle(gid, status, next_ms, now, ttl, expire_at)
+settle(gid, status, next_ms, expire_at)
 return 'OK'

@@ -1,13 +1,11 @@
--- UpdateGlobal. ARGV: gid, now, expect_status, check_owner (1|0), expect_owner,
--- new_status|'', next_ms|'', ttl, expire_at, nfields, (field, value)*, nupdates, (key, state)*
+-- UpdateGlobal. ARGV: gid, expect_status, check_owner (1|0), expect_owner,
+-- new_status|'', next_ms|'', expire_at|'', nfields, (field, value)*, nupdates, (key, state)*
 local gid = arg()
-local now = arg()
 local expect = arg()
 local check_owner = arg()
 local owner = arg()
 local new_status = arg()
 local next_ms = arg()
-local ttl = arg()
 local expire_at = arg()
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status ~= expect then
@@ -31,5 +29,5 @@ end
 if new_status == '' then
   new_status = status
 end
-settle(gid, new_status, next_ms, now, ttl, expire_at)
+settle(gid, new_status, next_ms, expire_at)
 return 'OK'
