@@ -9,6 +9,9 @@ use crate::config::{Config, env_name};
 /// `Store.Port`, `Store.User`, `Store.Password`, `Store.RedisPrefix`, `Store.RedisShards`
 /// and `Store.FinishedDataExpire`. Errors name the key and what to set.
 pub fn options(cfg: &Config) -> Result<RedisOptions, String> {
+    if cfg.driver() != "redis" {
+        return Err(format!("Store.Driver '{}' is not redis", cfg.driver()));
+    }
     let mut o = RedisOptions::from_host_port(cfg.str("Store.Host"), cfg.int("Store.Port"))?;
     o.user = cfg.str("Store.User").to_string();
     o.password = cfg.str("Store.Password").to_string();

@@ -43,8 +43,11 @@
 //! update (`update_time`; 0 keeps them forever), by Redis's own key expiry; their `all`
 //! entry is dropped by later writes in the shard once that time has passed.
 
+mod admin;
 mod codec;
 mod conn;
+
+pub use admin::{drop_prefix, list_prefixes};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
