@@ -1,68 +1,105 @@
-//! The Redis store: the store contract and Redis-specific behaviour (retention, outages,
-//! shard layout), on a single Redis and on a Redis Cluster.
-//!
-//! - single node: `DTM_TEST_REDIS` (`host:port`, default `127.0.0.1:6379`; `skip` skips);
-//! - cluster: `DTM_TEST_REDIS_CLUSTER` (comma-separated `host:port` of its nodes, e.g. from
-//!   `scripts/redis-cluster.sh start`); the cluster tests are skipped, with a note, when it
-//!   is unset.
-//!
-//! Each test uses a key prefix of its own and deletes its keys at the end.
+//! The Redis store's own behaviour (the shared contract is in conformance.rs): retention by
+//! key expiry, outages, the stored shard count, spreading over a cluster. Runs when
+//! `DTM_TEST_STORE=redis`, on the Redis at `STORE_HOST`/`STORE_PORT` (default
+//! 127.0.0.1:6379) and, when `DTM_TEST_REDIS_CLUSTER` lists the nodes of a Redis Cluster
+//! (e.g. from `scripts/redis-cluster.sh start`), on the cluster too. Each test uses a key
+//! prefix of its own and deletes its keys at the end.
 
-#[macro_use]
-mod contract;
-
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use contract::{Backend, global};
 use dtm_core::store::{GlobalUpdate, ScanQuery, Store, StoreError, WriteOp, WriteOutcome};
+use dtm_proto::{Branch, TransGlobal};
+use dtm_store::redis_store::drop_prefix;
 use dtm_store::{RedisOptions, RedisStore};
-use futures::FutureExt;
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+fn redis_selected() -> bool {
+    let on = env("DTM_TEST_STORE").as_deref() == Some("redis");
+    if !on {
+        eprintln!("skipped: DTM_TEST_STORE is not redis");
+    }
+    on
+}
 
 fn single_addr() -> Option<String> {
-    match std::env::var("DTM_TEST_REDIS") {
-        Ok(v) if v == "skip" => {
-            eprintln!("note: DTM_TEST_REDIS=skip: single-node Redis tests skipped");
-            None
-        }
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => Some("127.0.0.1:6379".into()),
+    if !redis_selected() {
+        return None;
     }
+    let host = env("STORE_HOST").unwrap_or_else(|| "127.0.0.1".into());
+    let port = env("STORE_PORT").unwrap_or_else(|| "6379".into());
+    Some(if host.contains(':') {
+        host
+    } else {
+        format!("{host}:{port}")
+    })
 }
 
 fn cluster_addrs() -> Option<String> {
-    match std::env::var("DTM_TEST_REDIS_CLUSTER") {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            eprintln!(
-                "note: Redis Cluster tests skipped: start one with scripts/redis-cluster.sh start and set DTM_TEST_REDIS_CLUSTER=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
-            );
-            None
-        }
+    if !redis_selected() {
+        return None;
     }
+    let nodes = env("DTM_TEST_REDIS_CLUSTER");
+    if nodes.is_none() {
+        eprintln!(
+            "skipped: DTM_TEST_REDIS_CLUSTER is unset (start a cluster with scripts/redis-cluster.sh start)"
+        );
+    }
+    nodes
 }
 
 fn unique_prefix(tag: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     format!(
-        "dtmstoretest:{}:{}:{}:{tag}:",
-        Utc::now().timestamp_millis(),
+        "dtm_t_{}_{}{}{tag}:",
+        Utc::now().timestamp(),
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
 
 fn options(hosts: &str, prefix: &str) -> RedisOptions {
-    // a trailing comma makes a one-node list a cluster, as in Store.Host
     let mut o = RedisOptions::from_host_port(hosts, 6379).unwrap_or_else(|e| panic!("{e}"));
     o.prefix = prefix.to_string();
     o
 }
 
-/// Plain connections to every node (for inspection and cleanup; cluster keys are read on
-/// the node that owns them).
+fn global(gid: &str, status: &str, next: Option<chrono::DateTime<Utc>>) -> TransGlobal {
+    let t = Utc::now();
+    TransGlobal {
+        gid: gid.into(),
+        trans_type: "saga".into(),
+        status: status.into(),
+        protocol: "http".into(),
+        create_time: Some(t),
+        update_time: Some(t),
+        options: r#"{"concurrent":false}"#.into(),
+        next_cron_time: next,
+        ..Default::default()
+    }
+}
+
+fn branch(gid: &str) -> Branch {
+    Branch {
+        gid: gid.into(),
+        url: "http://127.0.0.1:1/x".into(),
+        branch_id: "01".into(),
+        op: "action".into(),
+        status: "prepared".into(),
+        ..Default::default()
+    }
+}
+
+async fn purge(hosts: String, prefix: String) {
+    let _ = drop_prefix(&options(&hosts, &prefix)).await;
+}
+
+/// Plain connections to every node (for inspection; cluster keys are read on the node
+/// that owns them).
 async fn node_conns(hosts: &str) -> Vec<redis::aio::MultiplexedConnection> {
     let mut out = Vec::new();
     for h in hosts.split(',').filter(|h| !h.is_empty()) {
@@ -71,9 +108,7 @@ async fn node_conns(hosts: &str) -> Vec<redis::aio::MultiplexedConnection> {
             client
                 .get_multiplexed_async_connection()
                 .await
-                .unwrap_or_else(|e| {
-                    panic!("cannot reach Redis at {h}: {e}; start it or set DTM_TEST_REDIS=skip")
-                }),
+                .unwrap_or_else(|e| panic!("cannot reach Redis at {h}: {e}")),
         );
     }
     out
@@ -101,63 +136,6 @@ async fn keys_like(hosts: &str, pattern: &str) -> Vec<(redis::aio::MultiplexedCo
         }
     }
     out
-}
-
-async fn purge(hosts: String, prefix: String) {
-    for (mut c, k) in keys_like(&hosts, &format!("{prefix}*")).await {
-        let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(k).query_async(&mut c).await;
-    }
-}
-
-async fn open_on(hosts: String, tag: &str) -> Backend {
-    let prefix = unique_prefix(tag);
-    let s = RedisStore::open(options(&hosts, &prefix)).unwrap_or_else(|e| panic!("{e}"));
-    s.ping().await.unwrap_or_else(|e| {
-        panic!("{e}\n(set DTM_TEST_REDIS=skip to skip the single-node Redis tests)")
-    });
-    Backend {
-        store: Arc::new(s),
-        cleanup: purge(hosts, prefix).boxed(),
-    }
-}
-
-async fn open_single() -> Option<Backend> {
-    Some(open_on(single_addr()?, "single").await)
-}
-
-async fn open_cluster() -> Option<Backend> {
-    Some(open_on(cluster_addrs()?, "cluster").await)
-}
-
-/// dtm's default prefix: a hash tag that pins every key to one slot. It must still work,
-/// on a cluster too.
-async fn open_cluster_braced_prefix() -> Option<Backend> {
-    let hosts = cluster_addrs()?;
-    let prefix = format!("{{{}}}", unique_prefix("braced"));
-    let s = RedisStore::open(options(&hosts, &prefix)).unwrap_or_else(|e| panic!("{e}"));
-    Some(Backend {
-        store: Arc::new(s),
-        cleanup: purge(hosts, prefix).boxed(),
-    })
-}
-
-mod single {
-    use super::*;
-    contract_tests!(open_single);
-}
-
-mod cluster {
-    use super::*;
-    contract_tests!(open_cluster);
-}
-
-mod cluster_braced_prefix {
-    use super::*;
-    contract_tests!(open_cluster_braced_prefix;
-        claim_due_leases_and_respects_limit,
-        scan_globals_pages_and_filters,
-        concurrent_writes_are_batched_and_guarded,
-    );
 }
 
 fn finish(gid: &str) -> WriteOp {
@@ -197,7 +175,7 @@ async fn retention(hosts: String) {
     o.finished_ttl_secs = 2;
     let s = RedisStore::open(o).unwrap_or_else(|e| panic!("{e}"));
     for gid in ["keep", "done"] {
-        let b = contract::branch(gid, "01", "action");
+        let b = branch(gid);
         s.write(WriteOp::SaveNew {
             global: global(gid, "submitted", Some(Utc::now())),
             branches: vec![b],
@@ -415,7 +393,7 @@ fn start_redis(port: u16, dir: &std::path::Path) -> std::process::Child {
 /// what to check; when it is back, the same store works again without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_is_unavailable_and_recovers() {
-    if single_addr().is_none() {
+    if !redis_selected() {
         return;
     }
     if std::process::Command::new("redis-server")
@@ -508,6 +486,9 @@ async fn outage_is_unavailable_and_recovers() {
 /// Nothing listening: a clear error, no hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_redis_says_what_to_check() {
+    if !redis_selected() {
+        return;
+    }
     let port = free_port();
     let s = RedisStore::open(options(&format!("127.0.0.1:{port}"), "dtm:"))
         .unwrap_or_else(|e| panic!("{e}"));
