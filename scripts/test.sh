@@ -6,13 +6,23 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-stores="${DTM_TEST_STORES:-sqlite}"
+stores="${DTM_TEST_STORES:-sqlite redis}"
 for s in $stores; do
   if [ "$s" != sqlite ]; then
     scripts/services.sh || exit 1
     break
   fi
 done
+
+# redis: the Redis Cluster tests of crates/dtm-store/tests/redis.rs run on a throwaway
+# cluster (ports 7001-7003), stopped again at the end if this script started it
+case " $stores " in *" redis "*)
+  if [ -z "${DTM_TEST_REDIS_CLUSTER:-}" ]; then
+    scripts/redis-cluster.sh status || trap 'scripts/redis-cluster.sh stop' EXIT
+    DTM_TEST_REDIS_CLUSTER=$(scripts/redis-cluster.sh start) || exit 1
+    export DTM_TEST_REDIS_CLUSTER
+  fi ;;
+esac
 
 cargo build --workspace --all-targets || exit 1
 log=$(mktemp)

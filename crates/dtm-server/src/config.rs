@@ -50,7 +50,10 @@ const KEYS: &[Key] = &[
     int("Store.ConnMaxLifeTime", "5"),
     int("Store.DataExpire", "604800"),
     int("Store.FinishedDataExpire", "86400"),
-    text("Store.RedisPrefix", "{a}"),
+    // dtm's default is {a}, a hash tag that pins every key to one Redis Cluster slot
+    text("Store.RedisPrefix", "dtm:"),
+    // dtm-rs: Redis shards (hash tags) that transactions are spread over
+    int("Store.RedisShards", "16"),
     // dtm-rs: file of the embedded store, and its durability (full | normal)
     text("Store.File", "dtm.sqlite"),
     text("Store.Synchronous", "full"),
@@ -289,14 +292,12 @@ impl Config {
             "sqlite" => {}
             "mysql" | "postgres" => self.validate_sql()?,
             "redis" => {
-                return Err(format!(
-                    "Store.Driver (STORE_DRIVER) '{}' is not available in this build; use sqlite (or boltdb, its alias) for the embedded store, or postgres or mysql",
-                    self.driver()
-                ));
+                let warnings = crate::redis_config::validate(self)?;
+                self.warnings.extend(warnings);
             }
             other => {
                 return Err(format!(
-                    "Store.Driver (STORE_DRIVER) '{other}' is unknown: use sqlite (alias boltdb), postgres or mysql"
+                    "Store.Driver (STORE_DRIVER) '{other}' is unknown: use sqlite (alias boltdb), postgres, mysql or redis"
                 ));
             }
         }
@@ -561,6 +562,6 @@ mod tests {
             env(&[("STORE_DRIVER", "redis"), ("STORE_HOST", "db")]),
         )
         .unwrap_err();
-        assert!(e.contains("not available"), "{e}");
+        assert!(e.contains("STORE_PORT"), "redis needs a port too: {e}");
     }
 }

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod grpc_caller;
 pub mod jrpc;
 pub mod metrics;
+pub mod redis_config;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,6 +68,10 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             Arc::new(s)
+        }
+        "redis" => {
+            let o = redis_config::options(cfg).map_err(anyhow::Error::msg)?;
+            Arc::new(dtm_store::RedisStore::open(o).map_err(|e| anyhow::anyhow!("{e}"))?)
         }
         other => anyhow::bail!("store driver {other} is not available in this build"),
     };

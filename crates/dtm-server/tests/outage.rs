@@ -21,6 +21,12 @@ async fn store_outage_answers_503_and_loses_nothing() -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let mut cfg = test_config(dir.path())?;
+    if cfg.str("Store.Host").contains(',') {
+        eprintln!(
+            "store-outage test skipped on a Redis Cluster: its nodes tell clients their own addresses, so a proxy cannot stand in between"
+        );
+        return Ok(());
+    }
     let target = format!("{}:{}", cfg.str("Store.Host"), cfg.int("Store.Port"));
     let proxy = CutProxy::start(target).await?;
     cfg.set("Store.Host", "127.0.0.1")

@@ -81,5 +81,8 @@ async fn finished_transactions_expire_unfinished_stay() -> anyhow::Result<()> {
     if let Ok(o) = cfg.sql_options() {
         dtm_store::sql::drop_namespace(&o).await?;
     }
+    if let Ok(o) = dtm_server::redis_config::options(&cfg) {
+        dtm_store::redis_store::drop_prefix(&o).await?;
+    }
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! One contract, every backend: the same checks of the `Store` semantics the engine relies
-//! on, run against SQLite always, and against Postgres / MySQL when `DTM_TEST_STORE`
-//! names them (each run in a fresh schema / database that is dropped afterwards).
-//! Connection values come from `STORE_HOST`, `STORE_PORT`, `STORE_USER`,
-//! `STORE_PASSWORD`, else the local defaults (Postgres 127.0.0.1:5432 postgres, MariaDB
-//! 127.0.0.1:3306 root).
+//! on, run against SQLite always, and against Postgres / MySQL / Redis when
+//! `DTM_TEST_STORE` names them (each run in a fresh schema / database / key prefix that is
+//! dropped afterwards). Connection values come from `STORE_HOST`, `STORE_PORT`,
+//! `STORE_USER`, `STORE_PASSWORD`, else the local defaults (Postgres 127.0.0.1:5432
+//! postgres, MariaDB 127.0.0.1:3306 root, Redis 127.0.0.1:6379). With `DTM_TEST_STORE=redis`
+//! and `DTM_TEST_REDIS_CLUSTER` (the nodes of a Redis Cluster, e.g. from
+//! `scripts/redis-cluster.sh start`) the contract also runs on the cluster.
 
 use std::sync::Arc;
 
@@ -12,6 +14,8 @@ use dtm_core::store::{
     BranchUpdate, GlobalUpdate, ScanQuery, Store, StoreError, WriteOp, WriteOutcome,
 };
 use dtm_proto::{Branch, TransGlobal};
+use dtm_store::RedisOptions;
+use dtm_store::redis_store::drop_prefix;
 use dtm_store::sql::{Dialect, SqlOptions, drop_namespace};
 
 type R = Result<(), Box<dyn std::error::Error>>;
@@ -593,6 +597,159 @@ async fn refused_value_fails_only_its_op(s: Arc<dyn Store>) -> R {
     Ok(())
 }
 
+/// Thousands of branches in one write, in insertion order (Redis scripts work through
+/// them in chunks).
+async fn many_branches(s: &dyn Store) -> R {
+    let t = now();
+    let g = gid("many");
+    let bs = |r: std::ops::Range<usize>| -> Vec<Branch> {
+        r.map(|i| branch(&g, &format!("{i:04}"), "action", t))
+            .collect()
+    };
+    save(s, global(&g, "prepared", t), bs(0..1500)).await?;
+    s.write(WriteOp::AddBranches {
+        gid: g.clone(),
+        expect_status: "prepared".into(),
+        branches: bs(1500..2600),
+    })
+    .await?;
+    let got = s.find_branches(&g).await?;
+    assert_eq!(got.len(), 2600);
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, b)| b.branch_id == format!("{i:04}")),
+        "insertion order"
+    );
+    Ok(())
+}
+
+/// resetNextCronTime really makes a transaction due (also where an index holds the
+/// schedule, as on Redis); a finished one never is, whatever its next_cron_time.
+async fn reset_next_makes_due_finished_never(s: &dyn Store) -> R {
+    let t = now();
+    let lease = Duration::seconds(30);
+    let g = gid("rn");
+    let mut gl = global(&g, "submitted", t);
+    gl.next_cron_time = Some(t + Duration::days(300));
+    save(s, gl, vec![]).await?;
+    let claimed = |v: Vec<TransGlobal>| v.iter().any(|c| c.gid == g);
+    assert!(!claimed(
+        claim(s, t + Duration::days(10), "n", lease).await?
+    ));
+    s.write(WriteOp::ResetNextCronTime {
+        gid: g.clone(),
+        now: t,
+    })
+    .await?;
+    assert!(claimed(claim(s, t + Duration::days(10), "n", lease).await?));
+    let mut set = set_status("succeed", t);
+    set.finish_time = Some(t);
+    set.next_cron_time = Some(t);
+    s.write(WriteOp::UpdateGlobal {
+        gid: g.clone(),
+        expect_status: "submitted".into(),
+        expect_owner: Some("n".into()),
+        set,
+        branches: vec![],
+    })
+    .await?;
+    s.write(WriteOp::ResetNextCronTime {
+        gid: g.clone(),
+        now: t,
+    })
+    .await?;
+    assert!(!claimed(
+        claim(s, t + Duration::days(20), "n", lease).await?
+    ));
+    Ok(())
+}
+
+/// Writers racing on the status of the same transactions: one wins each race.
+async fn racing_updates_one_winner(s: Arc<dyn Store>) -> R {
+    let t = now();
+    let gids: Vec<String> = (0..50).map(|i| gid(&format!("race{i}"))).collect();
+    for g in &gids {
+        save(&*s, global(g, "prepared", t), vec![]).await?;
+    }
+    let mut tasks = vec![];
+    for g in &gids {
+        for r in 0..3 {
+            let (s, g) = (Arc::clone(&s), g.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut set = set_status("submitted", t);
+                set.owner = Some(format!("racer{r}"));
+                s.write(WriteOp::UpdateGlobal {
+                    gid: g,
+                    expect_status: "prepared".into(),
+                    expect_owner: None,
+                    set,
+                    branches: vec![],
+                })
+                .await
+            }));
+        }
+    }
+    let (mut won, mut lost) = (0, 0);
+    for task in tasks {
+        match task.await? {
+            Ok(_) => won += 1,
+            Err(StoreError::NotFound) => lost += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert_eq!((won, lost), (50, 100));
+    for g in &gids {
+        let got = s.find_global(g).await?.ok_or("gone")?;
+        assert_eq!(got.status, "submitted");
+        assert!(got.owner.starts_with("racer"));
+    }
+    Ok(())
+}
+
+/// Paging through rows that share create times lists each row once, newest first, with
+/// every page size.
+async fn scan_pages_through_ties(s: &dyn Store) -> R {
+    let base = now() - Duration::days(30_000);
+    let tt = format!("tt{}", &dtm_core::new_gid()[..6]);
+    for i in 0..23 {
+        let g = gid(&format!("tie{i:02}"));
+        let mut gl = global(&g, "succeed", base);
+        gl.trans_type = tt.clone();
+        gl.create_time = Some(base + Duration::seconds(i / 2));
+        save(s, gl, vec![]).await?;
+    }
+    for limit in [1, 4, 23, 100] {
+        let mut q = ScanQuery {
+            limit,
+            trans_type: tt.clone(),
+            ..Default::default()
+        };
+        let mut times = vec![];
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100 {
+            let (rows, next) = s.scan_globals(&q).await?;
+            assert!(rows.len() <= limit, "at most limit rows");
+            for r in rows {
+                assert!(
+                    seen.insert(r.gid.clone()),
+                    "{} twice (limit {limit})",
+                    r.gid
+                );
+                times.push(r.create_time);
+            }
+            if next.is_empty() {
+                break;
+            }
+            assert_ne!(next, q.position, "the position moves");
+            q.position = next;
+        }
+        assert_eq!(seen.len(), 23, "every row once (limit {limit})");
+        assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first");
+    }
+    Ok(())
+}
+
 async fn purge_keeps_unfinished(s: &dyn Store) -> R {
     let t = now();
     let old = t - Duration::days(30);
@@ -629,7 +786,14 @@ async fn purge_keeps_unfinished(s: &dyn Store) -> R {
     Ok(())
 }
 
-async fn conformance(s: Arc<dyn Store>, sql: bool) -> R {
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Sqlite,
+    Sql,
+    Redis,
+}
+
+async fn conformance(s: Arc<dyn Store>, backend: Backend) -> R {
     s.ping().await?;
     save_new_roundtrip_and_conflict(&*s).await?;
     update_global_guards(&*s).await?;
@@ -639,10 +803,18 @@ async fn conformance(s: Arc<dyn Store>, sql: bool) -> R {
     kv_versions(&*s).await?;
     scan_pages_and_filters(&*s).await?;
     concurrent_writes_get_their_own_results(Arc::clone(&s)).await?;
-    if sql {
+    if backend == Backend::Sql {
         refused_value_fails_only_its_op(Arc::clone(&s)).await?;
     }
-    purge_keeps_unfinished(&*s).await?;
+    many_branches(&*s).await?;
+    reset_next_makes_due_finished_never(&*s).await?;
+    racing_updates_one_winner(Arc::clone(&s)).await?;
+    scan_pages_through_ties(&*s).await?;
+    // Redis expires finished transactions by itself (key expiry, tested in redis.rs and
+    // the retention scenario); its contract run keeps them (FinishedDataExpire 0)
+    if backend != Backend::Redis {
+        purge_keeps_unfinished(&*s).await?;
+    }
     s.close().await;
     Ok(())
 }
@@ -652,7 +824,7 @@ async fn sqlite_conformance() -> R {
     let dir = tempfile::tempdir()?;
     let s =
         dtm_store::SqliteStore::open(&dir.path().join("c.sqlite"), dtm_store::SqliteSync::Full)?;
-    conformance(Arc::new(s), false).await
+    conformance(Arc::new(s), Backend::Sqlite).await
 }
 
 fn env(k: &str) -> Option<String> {
@@ -680,17 +852,7 @@ fn sql_options(d: Dialect, name: &str) -> Option<SqlOptions> {
         o.password = p;
     }
     o.max_open_conns = 8;
-    // named like dtm-testkit's namespaces, whose sweep drops the ones a failed run left
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let ns = format!(
-        "dtm_t_{secs}_{}",
-        dtm_core::new_gid()
-            .to_ascii_lowercase()
-            .replace(|c: char| !c.is_ascii_alphanumeric(), "")
-    );
+    let ns = namespace();
     match d {
         Dialect::Postgres => {
             o.db = "dtm_test".into();
@@ -701,9 +863,24 @@ fn sql_options(d: Dialect, name: &str) -> Option<SqlOptions> {
     Some(o)
 }
 
+/// A fresh namespace (schema, database, key prefix), named like dtm-testkit's, whose sweep
+/// drops the ones a failed run left.
+fn namespace() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!(
+        "dtm_t_{secs}_{}",
+        dtm_core::new_gid()
+            .to_ascii_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "")
+    )
+}
+
 async fn sql_conformance(o: SqlOptions) -> R {
     let s = dtm_store::SqlStore::open(&o).await?;
-    let r = conformance(Arc::new(s), true).await;
+    let r = conformance(Arc::new(s), Backend::Sql).await;
     drop_namespace(&o).await?;
     r
 }
@@ -722,4 +899,76 @@ async fn mysql_conformance() -> R {
         Some(o) => sql_conformance(o).await,
         None => Ok(()),
     }
+}
+
+fn redis_selected() -> bool {
+    let on = env("DTM_TEST_STORE").as_deref() == Some("redis");
+    if !on {
+        eprintln!("skipped: DTM_TEST_STORE is not redis");
+    }
+    on
+}
+
+/// Redis options for a fresh key prefix on `hosts` (a list with a comma is a cluster).
+fn redis_options(hosts: &str) -> Result<RedisOptions, String> {
+    let port = env("STORE_PORT")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(6379);
+    let mut o = RedisOptions::from_host_port(hosts, port)?;
+    o.user = env("STORE_USER").unwrap_or_default();
+    o.password = env("STORE_PASSWORD").unwrap_or_default();
+    o.prefix = namespace();
+    // keep finished transactions: some checks write them with old update times
+    o.finished_ttl_secs = 0;
+    Ok(o)
+}
+
+async fn redis_conformance_on(o: RedisOptions) -> R {
+    let s = dtm_store::RedisStore::open(o.clone())?;
+    let r = conformance(Arc::new(s), Backend::Redis).await;
+    drop_prefix(&o).await?;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_conformance() -> R {
+    if !redis_selected() {
+        return Ok(());
+    }
+    let host = env("STORE_HOST").unwrap_or_else(|| "127.0.0.1".into());
+    redis_conformance_on(redis_options(&host)?).await
+}
+
+/// The nodes of the test Redis Cluster, when the cluster runs are selected.
+fn cluster_nodes() -> Option<String> {
+    if !redis_selected() {
+        return None;
+    }
+    let nodes = env("DTM_TEST_REDIS_CLUSTER");
+    if nodes.is_none() {
+        eprintln!(
+            "skipped: DTM_TEST_REDIS_CLUSTER is unset (start a cluster with scripts/redis-cluster.sh start)"
+        );
+    }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_conformance() -> R {
+    match cluster_nodes() {
+        Some(nodes) => redis_conformance_on(redis_options(&nodes)?).await,
+        None => Ok(()),
+    }
+}
+
+/// dtm's kind of prefix, a hash tag (`{a}`), pins every key to one slot; it must still
+/// work on a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_braced_prefix_conformance() -> R {
+    let Some(nodes) = cluster_nodes() else {
+        return Ok(());
+    };
+    let mut o = redis_options(&nodes)?;
+    o.prefix = format!("{{{}}}", o.prefix);
+    redis_conformance_on(o).await
 }

@@ -29,8 +29,9 @@ pub fn test_store() -> String {
 /// Every call gives a store of its own, so that tests running at once do not see (and
 /// their recovery loops do not claim) each other's transactions: a file in `dir` for
 /// sqlite, a fresh schema `dtm_t_<time>_<random>` in database `dtm_test` for postgres, a
-/// fresh database `dtm_t_<time>_<random>` for mysql. [`TestServer`] drops the schema or
-/// database when it is dropped; ones left by killed runs are dropped after 20 minutes.
+/// fresh database `dtm_t_<time>_<random>` for mysql, a fresh key prefix
+/// `dtm_t_<time>_<random>` for redis. [`TestServer`] drops the schema, database or keys
+/// when it is dropped; ones left by killed runs are dropped after 20 minutes.
 pub fn test_config(dir: &std::path::Path) -> anyhow::Result<Config> {
     let store = test_store();
     let ns = namespace_name();
@@ -51,6 +52,10 @@ pub fn test_config(dir: &std::path::Path) -> anyhow::Result<Config> {
                 ("STORE_USER", "root"),
             ],
             Some("STORE_DB"),
+        ),
+        "redis" => (
+            &[("STORE_HOST", "127.0.0.1"), ("STORE_PORT", "6379")],
+            Some("STORE_REDIS_PREFIX"),
         ),
         _ => (&[], None),
     };
@@ -105,24 +110,44 @@ fn namespace_name() -> String {
     format!("{NS_PREFIX}{}_{r}", unix_secs())
 }
 
+/// A test namespace left by a killed run?
+fn is_stale(name: &str) -> bool {
+    let born = name
+        .strip_prefix(NS_PREFIX)
+        .and_then(|r| r.split('_').next())
+        .and_then(|t| t.parse::<u64>().ok());
+    born.is_some_and(|b| unix_secs().saturating_sub(b) > NS_STALE_SECS)
+}
+
 /// Drop test namespaces that killed runs left behind.
 async fn sweep_stale_namespaces(o: &dtm_store::SqlOptions) {
     let Ok(names) = dtm_store::sql::list_namespaces(o, NS_PREFIX).await else {
         return;
     };
-    let now = unix_secs();
     for name in names {
-        let born = name
-            .strip_prefix(NS_PREFIX)
-            .and_then(|r| r.split('_').next())
-            .and_then(|t| t.parse::<u64>().ok());
-        if born.is_some_and(|b| now.saturating_sub(b) > NS_STALE_SECS) {
+        if is_stale(&name) {
             let mut old = o.clone();
             match o.dialect {
                 dtm_store::sql::Dialect::Postgres => old.schema = name,
                 dtm_store::sql::Dialect::MySql => old.db = name,
             }
             let _ = dtm_store::sql::drop_namespace(&old).await;
+        }
+    }
+}
+
+/// Drop Redis key prefixes of tests that killed runs left behind.
+async fn sweep_stale_redis_prefixes(o: &dtm_store::RedisOptions) {
+    let Ok(prefixes) = dtm_store::redis_store::list_prefixes(o, NS_PREFIX).await else {
+        return;
+    };
+    for prefix in prefixes {
+        if is_stale(&prefix) {
+            let old = dtm_store::RedisOptions {
+                prefix,
+                ..o.clone()
+            };
+            let _ = dtm_store::redis_store::drop_prefix(&old).await;
         }
     }
 }
@@ -141,9 +166,27 @@ pub struct TestServer {
     _ns: NamespaceGuard,
 }
 
-/// Drops a test server's schema / database (postgres, mysql) when the server is dropped.
-/// A field rather than `Drop` on [`TestServer`], so tests may still move fields out of it.
-struct NamespaceGuard(Option<dtm_store::SqlOptions>);
+/// Drops a test server's schema / database (postgres, mysql) or keys (redis) when the
+/// server is dropped. A field rather than `Drop` on [`TestServer`], so tests may still move
+/// fields out of it.
+struct NamespaceGuard(Option<Namespace>);
+
+enum Namespace {
+    Sql(dtm_store::SqlOptions),
+    Redis(dtm_store::RedisOptions),
+}
+
+impl NamespaceGuard {
+    fn of(cfg: &Config) -> NamespaceGuard {
+        let sql = cfg.sql_options().ok().map(Namespace::Sql);
+        let redis = || {
+            dtm_server::redis_config::options(cfg)
+                .ok()
+                .map(Namespace::Redis)
+        };
+        NamespaceGuard(sql.or_else(redis))
+    }
+}
 
 impl Drop for NamespaceGuard {
     /// Runs on a thread of its own, since the test's runtime may be the single thread that
@@ -158,7 +201,12 @@ impl Drop for NamespaceGuard {
                 .build()
             {
                 rt.block_on(async {
-                    let _ = dtm_store::sql::drop_namespace(&o).await;
+                    let _ = match o {
+                        Namespace::Sql(o) => dtm_store::sql::drop_namespace(&o).await,
+                        Namespace::Redis(o) => {
+                            dtm_store::redis_store::drop_prefix(&o).await.map(|_| ())
+                        }
+                    };
                 });
             }
         })
@@ -190,6 +238,9 @@ impl TestServer {
         if let Ok(o) = cfg.sql_options() {
             sweep_stale_namespaces(&o).await;
         }
+        if let Ok(o) = dtm_server::redis_config::options(&cfg) {
+            sweep_stale_redis_prefixes(&o).await;
+        }
         let store = dtm_server::open_store(&cfg)
             .await
             .context("opening the test store")?;
@@ -212,7 +263,7 @@ impl TestServer {
             api,
             grpc,
             http: reqwest::Client::builder().no_proxy().build()?,
-            _ns: NamespaceGuard(cfg.sql_options().ok()),
+            _ns: NamespaceGuard::of(&cfg),
             config: cfg,
             _dir: dir,
         })

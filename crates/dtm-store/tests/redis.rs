@@ -1,0 +1,505 @@
+//! The Redis store's own behaviour (the shared contract is in conformance.rs): retention by
+//! key expiry, outages, the stored shard count, spreading over a cluster. Runs when
+//! `DTM_TEST_STORE=redis`, on the Redis at `STORE_HOST`/`STORE_PORT` (default
+//! 127.0.0.1:6379) and, when `DTM_TEST_REDIS_CLUSTER` lists the nodes of a Redis Cluster
+//! (e.g. from `scripts/redis-cluster.sh start`), on the cluster too. Each test uses a key
+//! prefix of its own and deletes its keys at the end.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use dtm_core::store::{GlobalUpdate, ScanQuery, Store, StoreError, WriteOp, WriteOutcome};
+use dtm_proto::{Branch, TransGlobal};
+use dtm_store::redis_store::drop_prefix;
+use dtm_store::{RedisOptions, RedisStore};
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+fn redis_selected() -> bool {
+    let on = env("DTM_TEST_STORE").as_deref() == Some("redis");
+    if !on {
+        eprintln!("skipped: DTM_TEST_STORE is not redis");
+    }
+    on
+}
+
+fn single_addr() -> Option<String> {
+    if !redis_selected() {
+        return None;
+    }
+    let host = env("STORE_HOST").unwrap_or_else(|| "127.0.0.1".into());
+    let port = env("STORE_PORT").unwrap_or_else(|| "6379".into());
+    Some(if host.contains(':') {
+        host
+    } else {
+        format!("{host}:{port}")
+    })
+}
+
+fn cluster_addrs() -> Option<String> {
+    if !redis_selected() {
+        return None;
+    }
+    let nodes = env("DTM_TEST_REDIS_CLUSTER");
+    if nodes.is_none() {
+        eprintln!(
+            "skipped: DTM_TEST_REDIS_CLUSTER is unset (start a cluster with scripts/redis-cluster.sh start)"
+        );
+    }
+    nodes
+}
+
+fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "dtm_t_{}_{}{}{tag}:",
+        Utc::now().timestamp(),
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn options(hosts: &str, prefix: &str) -> RedisOptions {
+    let mut o = RedisOptions::from_host_port(hosts, 6379).unwrap_or_else(|e| panic!("{e}"));
+    o.prefix = prefix.to_string();
+    o
+}
+
+fn global(gid: &str, status: &str, next: Option<chrono::DateTime<Utc>>) -> TransGlobal {
+    let t = Utc::now();
+    TransGlobal {
+        gid: gid.into(),
+        trans_type: "saga".into(),
+        status: status.into(),
+        protocol: "http".into(),
+        create_time: Some(t),
+        update_time: Some(t),
+        options: r#"{"concurrent":false}"#.into(),
+        next_cron_time: next,
+        ..Default::default()
+    }
+}
+
+fn branch(gid: &str) -> Branch {
+    Branch {
+        gid: gid.into(),
+        url: "http://127.0.0.1:1/x".into(),
+        branch_id: "01".into(),
+        op: "action".into(),
+        status: "prepared".into(),
+        ..Default::default()
+    }
+}
+
+async fn purge(hosts: String, prefix: String) {
+    let _ = drop_prefix(&options(&hosts, &prefix)).await;
+}
+
+/// Plain connections to every node (for inspection; cluster keys are read on the node
+/// that owns them).
+async fn node_conns(hosts: &str) -> Vec<redis::aio::MultiplexedConnection> {
+    let mut out = Vec::new();
+    for h in hosts.split(',').filter(|h| !h.is_empty()) {
+        let client = redis::Client::open(format!("redis://{h}/")).unwrap_or_else(|e| panic!("{e}"));
+        out.push(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap_or_else(|e| panic!("cannot reach Redis at {h}: {e}")),
+        );
+    }
+    out
+}
+
+async fn keys_like(hosts: &str, pattern: &str) -> Vec<(redis::aio::MultiplexedConnection, String)> {
+    let mut out = Vec::new();
+    for mut c in node_conns(hosts).await {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            out.extend(keys.into_iter().map(|k| (c.clone(), k)));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    out
+}
+
+fn finish(gid: &str) -> WriteOp {
+    WriteOp::UpdateGlobal {
+        gid: gid.into(),
+        expect_status: "submitted".into(),
+        expect_owner: None,
+        set: GlobalUpdate {
+            status: Some("succeed".into()),
+            finish_time: Some(Utc::now()),
+            update_time: Utc::now(),
+            ..Default::default()
+        },
+        branches: vec![],
+    }
+}
+
+async fn ttl_of(hosts: &str, pattern: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for (mut c, k) in keys_like(hosts, pattern).await {
+        out.push(
+            redis::cmd("TTL")
+                .arg(k)
+                .query_async(&mut c)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    out
+}
+
+/// Unfinished transactions never expire; finished ones expire after FinishedDataExpire,
+/// and then leave `GET /all` as well.
+async fn retention(hosts: String) {
+    let prefix = unique_prefix("ttl");
+    let mut o = options(&hosts, &prefix);
+    o.finished_ttl_secs = 2;
+    let s = RedisStore::open(o).unwrap_or_else(|e| panic!("{e}"));
+    for gid in ["keep", "done"] {
+        let b = branch(gid);
+        s.write(WriteOp::SaveNew {
+            global: global(gid, "submitted", Some(Utc::now())),
+            branches: vec![b],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    s.write(finish("done"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let keep = ttl_of(&hosts, &format!("{prefix}*:keep")).await;
+    assert_eq!(keep, vec![-1; 3], "unfinished: 3 keys, no TTL");
+    let done = ttl_of(&hosts, &format!("{prefix}*:done")).await;
+    assert_eq!(done.len(), 3);
+    assert!(
+        done.iter().all(|t| (1..=2).contains(t)),
+        "finished: TTL set, got {done:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert!(
+        s.find_global("done")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none()
+    );
+    assert!(
+        s.find_global("keep")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_some()
+    );
+    // later writes in a shard drop index entries of expired transactions
+    for i in 0..64 {
+        let gid = format!("later-{i}");
+        s.write(WriteOp::SaveNew {
+            global: global(&gid, "prepared", None),
+            branches: vec![],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut pos = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let q = ScanQuery {
+            position: pos,
+            limit: 10,
+            ..Default::default()
+        };
+        let (rows, next) = s.scan_globals(&q).await.unwrap_or_else(|e| panic!("{e}"));
+        seen.extend(rows.into_iter().map(|g| g.gid));
+        if next.is_empty() {
+            break;
+        }
+        pos = next;
+    }
+    assert_eq!(seen.len(), 65, "expired transactions are not listed");
+    assert!(!seen.contains(&"done".to_string()));
+    let members: usize = {
+        let mut n = 0;
+        for (mut c, k) in keys_like(&hosts, &format!("{prefix}*all")).await {
+            let found: Vec<String> = redis::cmd("ZRANGE")
+                .arg(k)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            n += found.iter().filter(|m| *m == "done").count();
+        }
+        n
+    };
+    assert_eq!(
+        members, 0,
+        "the index entry of the expired transaction was dropped"
+    );
+    s.close().await;
+    purge(hosts, prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_retention() {
+    if let Some(h) = single_addr() {
+        retention(h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_retention() {
+    if let Some(h) = cluster_addrs() {
+        retention(h).await;
+    }
+}
+
+/// A server configured with another shard count keeps using the count the data was
+/// written with, so it finds every transaction.
+async fn shard_count_is_fixed_by_the_data(hosts: String) {
+    let prefix = unique_prefix("shards");
+    let mut o = options(&hosts, &prefix);
+    o.shards = 4;
+    let a = RedisStore::open(o.clone()).unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..20 {
+        a.write(WriteOp::SaveNew {
+            global: global(&format!("g{i}"), "prepared", Some(Utc::now())),
+            branches: vec![],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    a.close().await;
+    o.shards = 32;
+    let b = RedisStore::open(o).unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..20 {
+        assert!(
+            b.find_global(&format!("g{i}"))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .is_some(),
+            "g{i} found with the stored shard count"
+        );
+    }
+    let shard_tags: std::collections::HashSet<String> = keys_like(&hosts, &format!("{prefix}*g:*"))
+        .await
+        .into_iter()
+        .filter_map(|(_, k)| {
+            let tag = k.split('{').nth(1)?;
+            tag.split('}').next().map(str::to_string)
+        })
+        .collect();
+    assert!(
+        shard_tags.len() <= 4 && shard_tags.len() > 1,
+        "spread over the 4 shards: {shard_tags:?}"
+    );
+    b.close().await;
+    purge(hosts, prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_shard_count_is_fixed_by_the_data() {
+    if let Some(h) = single_addr() {
+        shard_count_is_fixed_by_the_data(h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_shard_count_is_fixed_by_the_data() {
+    if let Some(h) = cluster_addrs() {
+        shard_count_is_fixed_by_the_data(h).await;
+    }
+}
+
+/// Transactions of different shards live on different cluster nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_spreads_transactions_over_the_masters() {
+    let Some(hosts) = cluster_addrs() else { return };
+    let prefix = unique_prefix("spread");
+    let s = RedisStore::open(options(&hosts, &prefix)).unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..64 {
+        s.write(WriteOp::SaveNew {
+            global: global(&format!("g{i}"), "prepared", Some(Utc::now())),
+            branches: vec![],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut per_node = Vec::new();
+    for mut c in node_conns(&hosts).await {
+        let (_, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(0)
+            .arg("MATCH")
+            .arg(format!("{prefix}*g:*"))
+            .arg("COUNT")
+            .arg(100_000)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        per_node.push(keys.len());
+    }
+    assert_eq!(per_node.iter().sum::<usize>(), 64);
+    assert!(
+        per_node.iter().filter(|n| **n > 0).count() >= 2,
+        "globals on several masters: {per_node:?}"
+    );
+    s.close().await;
+    purge(hosts, prefix).await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn start_redis(port: u16, dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"))
+}
+
+/// With Redis down, reads and writes fail fast with Unavailable and a message saying
+/// what to check; when it is back, the same store works again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_is_unavailable_and_recovers() {
+    if !redis_selected() {
+        return;
+    }
+    if std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("note: redis-server not installed: outage test skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let port = free_port();
+    let mut server = start_redis(port, dir.path());
+    let s = RedisStore::open(options(&format!("127.0.0.1:{port}"), "dtm:"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut up = false;
+    for _ in 0..50 {
+        if s.ping().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "private redis-server on port {port} did not come up");
+    let save = |gid: &str| WriteOp::SaveNew {
+        global: global(gid, "prepared", Some(Utc::now())),
+        branches: vec![],
+    };
+    s.write(save("before"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = server.kill();
+    let _ = server.wait();
+    let t = std::time::Instant::now();
+    match s.write(save("during")).await {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(
+                m.contains("cannot reach Redis") && m.contains("STORE_HOST"),
+                "{m}"
+            );
+        }
+        other => panic!("a write with Redis down answered {other:?}"),
+    }
+    match s.find_global("before").await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("a read with Redis down answered {other:?}"),
+    }
+    match s
+        .write(WriteOp::ClaimDue {
+            now: Utc::now(),
+            limit: 10,
+            lease_until: Utc::now(),
+            owner: "n".into(),
+        })
+        .await
+    {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("ClaimDue with Redis down answered {other:?}"),
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "fails fast: {:?}",
+        t.elapsed()
+    );
+    let mut server = start_redis(port, dir.path());
+    let mut back = false;
+    for _ in 0..100 {
+        if s.write(save("after")).await.is_ok() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "the store works again once Redis is back");
+    assert!(matches!(
+        s.write(WriteOp::ClaimDue {
+            now: Utc::now(),
+            limit: 10,
+            lease_until: Utc::now(),
+            owner: "n".into(),
+        })
+        .await,
+        Ok(WriteOutcome::Claimed(_))
+    ));
+    s.close().await;
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Nothing listening: a clear error, no hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_redis_says_what_to_check() {
+    if !redis_selected() {
+        return;
+    }
+    let port = free_port();
+    let s = RedisStore::open(options(&format!("127.0.0.1:{port}"), "dtm:"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    match s.ping().await {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(
+                m.contains(&format!("127.0.0.1:{port}")) && m.contains("Store.Host"),
+                "{m}"
+            )
+        }
+        other => panic!("ping answered {other:?}"),
+    }
+    s.close().await;
+}
