@@ -48,13 +48,18 @@ async fn three_nodes_share_the_work_and_survive_a_kill() -> anyhow::Result<()> {
     nodes[0].kill9().await?;
     let _ = sub.await;
     let acked: BTreeSet<String> = acked.lock().map(|a| a.clone()).unwrap_or_default();
-    eprintln!("{} of {n} submissions acknowledged", acked.len());
+    eprintln!(
+        "{} of {n} submissions acknowledged after {:?}",
+        acked.len(),
+        t0.elapsed()
+    );
     assert!(
         acked.len() >= n / 2,
         "too few acknowledged: {}",
         acked.len()
     );
     let finished = verify(&nodes[1].api, &kinds, &acked, &b, 120).await?;
+    eprintln!("all final after {:?}", t0.elapsed());
     assert!(finished >= acked.len());
     // the survivors stop cleanly
     for node in &mut nodes[1..] {

@@ -132,10 +132,11 @@ impl Busi {
 
     /// Calls whose `gid` query parameter (or webhook body gid) is `gid`, in arrival order.
     pub fn calls_for(&self, gid: &str) -> Vec<Call> {
-        self.calls()
-            .into_iter()
-            .filter(|c| c.q("gid") == gid)
-            .collect()
+        self.inner
+            .calls
+            .lock()
+            .map(|c| c.iter().filter(|c| c.q("gid") == gid).cloned().collect())
+            .unwrap_or_default()
     }
 
     /// `route/op` of each call for `gid`, e.g. `["TransOut/action", "TransIn/action"]`.

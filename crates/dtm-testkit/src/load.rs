@@ -99,7 +99,7 @@ pub async fn submit_all(
 
 /// Wait (up to `secs`) until every transaction of `kinds` that exists is final, then check:
 /// every acknowledged one exists; each finished as its kind expects, with the expected
-/// branch statuses; no saga both succeeded and was compensated.
+/// branch statuses; no saga both succeeded and was compensated. Returns how many exist.
 pub async fn verify(
     api: &str,
     kinds: &BTreeMap<String, Kind>,
@@ -109,70 +109,97 @@ pub async fn verify(
 ) -> anyhow::Result<usize> {
     let client = reqwest::Client::builder().no_proxy().build()?;
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut finished = 0;
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut set = tokio::task::JoinSet::new();
     for (gid, kind) in kinds {
-        let (st, br) = loop {
-            let text = client
-                .get(format!("{api}/query?gid={gid}"))
-                .send()
-                .await?
-                .text()
-                .await?;
-            let v: Value = serde_json::from_str(&text)?;
-            let st = v["transaction"]["status"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
-            if st.is_empty() {
-                anyhow::ensure!(!acked.contains(gid), "acknowledged {gid} is missing");
-                break (st, String::new());
-            }
-            if st == "succeed" || st == "failed" {
-                let br: String = v["branches"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|b| b["status"].as_str()?.chars().next())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                break (st, br);
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{gid} still '{st}' after {secs}s"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        if st.is_empty() {
-            continue;
-        }
-        finished += 1;
-        let compensated = b.calls_for(gid).iter().any(|c| c.q("op") == "compensate");
-        match kind {
-            Kind::SagaOk => {
-                anyhow::ensure!(
-                    (st.as_str(), br.as_str()) == ("succeed", "psps"),
-                    "{gid}: {st} {br}"
-                );
-                anyhow::ensure!(
-                    !compensated,
-                    "{gid} succeeded but was compensated: {:?}",
-                    b.trace(gid)
-                );
-            }
-            Kind::SagaRollback => {
-                anyhow::ensure!(
-                    (st.as_str(), br.as_str()) == ("failed", "sssf"),
-                    "{gid}: {st} {br}"
-                );
-                anyhow::ensure!(compensated, "{gid} failed without compensation");
-            }
-            Kind::Msg => anyhow::ensure!(
-                (st.as_str(), br.as_str()) == ("succeed", "ss"),
-                "{gid}: {st} {br}"
-            ),
+        let permit = Arc::clone(&sem).acquire_owned().await?;
+        let (client, api, gid, kind) = (client.clone(), api.to_string(), gid.clone(), *kind);
+        let must_exist = acked.contains(&gid);
+        let b = b.clone();
+        set.spawn(async move {
+            let r = check_one(&client, &api, &gid, kind, must_exist, &b, deadline, secs).await;
+            drop(permit);
+            r
+        });
+    }
+    let mut finished = 0;
+    while let Some(r) = set.join_next().await {
+        if r?? {
+            finished += 1;
         }
     }
     Ok(finished)
+}
+
+/// Wait for one transaction to be final and check it; `false` when it does not exist.
+#[allow(clippy::too_many_arguments)]
+async fn check_one(
+    client: &reqwest::Client,
+    api: &str,
+    gid: &str,
+    kind: Kind,
+    must_exist: bool,
+    b: &Busi,
+    deadline: Instant,
+    secs: u64,
+) -> anyhow::Result<bool> {
+    let (st, br) = loop {
+        let text = client
+            .get(format!("{api}/query?gid={gid}"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let v: Value = serde_json::from_str(&text)?;
+        let st = v["transaction"]["status"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if st.is_empty() {
+            anyhow::ensure!(!must_exist, "acknowledged {gid} is missing");
+            return Ok(false);
+        }
+        if st == "succeed" || st == "failed" {
+            let br: String = v["branches"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|b| b["status"].as_str()?.chars().next())
+                        .collect()
+                })
+                .unwrap_or_default();
+            break (st, br);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{gid} still '{st}' after {secs}s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let compensated = b.calls_for(gid).iter().any(|c| c.q("op") == "compensate");
+    match kind {
+        Kind::SagaOk => {
+            anyhow::ensure!(
+                (st.as_str(), br.as_str()) == ("succeed", "psps"),
+                "{gid}: {st} {br}"
+            );
+            anyhow::ensure!(
+                !compensated,
+                "{gid} succeeded but was compensated: {:?}",
+                b.trace(gid)
+            );
+        }
+        Kind::SagaRollback => {
+            anyhow::ensure!(
+                (st.as_str(), br.as_str()) == ("failed", "sssf"),
+                "{gid}: {st} {br}"
+            );
+            anyhow::ensure!(compensated, "{gid} failed without compensation");
+        }
+        Kind::Msg => anyhow::ensure!(
+            (st.as_str(), br.as_str()) == ("succeed", "ss"),
+            "{gid}: {st} {br}"
+        ),
+    }
+    Ok(true)
 }

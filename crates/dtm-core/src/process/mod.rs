@@ -73,11 +73,20 @@ pub(crate) struct Ctx<'a> {
     pending: Vec<BranchUpdate>,
     last_url: String,
     last_error: String,
+    /// Length of the lease this pass holds (as granted when it started).
+    lease_len: chrono::Duration,
 }
 
 impl<'a> Ctx<'a> {
     pub fn new(co: &'a Coordinator, g: TransGlobal, branches: Vec<Branch>) -> Self {
         let opts = g.trans_options();
+        let granted = g.next_cron_time.map(|u| u - now()).unwrap_or_default();
+        let fallback = secs(co.base_interval(&opts).max(1));
+        let lease_len = if granted > chrono::Duration::seconds(1) {
+            granted
+        } else {
+            fallback
+        };
         Ctx {
             co,
             g,
@@ -86,6 +95,7 @@ impl<'a> Ctx<'a> {
             pending: Vec::new(),
             last_url: String::new(),
             last_error: String::new(),
+            lease_len,
         }
     }
 
@@ -200,6 +210,29 @@ impl<'a> Ctx<'a> {
                 branches,
             })
             .await?;
+        Ok(())
+    }
+
+    /// Renew this node's lease when less than half of it is left, so that a pass slower
+    /// than the lease is not taken over by another node while it is still working. A
+    /// dead node's lease still lapses after one retry interval.
+    pub async fn keep_lease(&mut self) -> Result<(), Stop> {
+        let t = now();
+        if self
+            .g
+            .next_cron_time
+            .is_some_and(|until| until - t > self.lease_len / 2)
+        {
+            return Ok(());
+        }
+        let next = t + self.lease_len;
+        self.write(GlobalUpdate {
+            next_cron_time: Some(next),
+            update_time: t,
+            ..Default::default()
+        })
+        .await?;
+        self.g.next_cron_time = Some(next);
         Ok(())
     }
 
@@ -319,16 +352,27 @@ pub(crate) async fn exec(co: &Coordinator, call: BranchCall) -> BranchOutcome {
 pub(crate) async fn run(co: &Coordinator, g: TransGlobal, branches: Vec<Branch>) -> PassEnd {
     let gid = g.gid.clone();
     let mut ctx = Ctx::new(co, g, branches);
-    let res = match ctx.g.trans_type.as_str() {
-        trans_type::SAGA => saga::process(&mut ctx).await,
-        trans_type::MSG => msg::process(&mut ctx).await,
-        trans_type::TCC | trans_type::XA => tcc::process(&mut ctx).await,
-        trans_type::WORKFLOW => workflow::process(&mut ctx).await,
+    let res = match ctx.keep_lease().await {
+        Err(e) => Err(e),
+        Ok(()) => dispatch(&mut ctx).await,
+    };
+    finish(&gid, res)
+}
+
+async fn dispatch(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
+    match ctx.g.trans_type.as_str() {
+        trans_type::SAGA => saga::process(ctx).await,
+        trans_type::MSG => msg::process(ctx).await,
+        trans_type::TCC | trans_type::XA => tcc::process(ctx).await,
+        trans_type::WORKFLOW => workflow::process(ctx).await,
         other => {
-            tracing::error!(gid = %gid, "stored transaction has unknown trans_type '{other}'; it is left alone");
+            tracing::error!(gid = %ctx.g.gid, "stored transaction has unknown trans_type '{other}'; it is left alone");
             Ok(PassEnd::Error(format!("unknown trans_type {other}")))
         }
-    };
+    }
+}
+
+fn finish(gid: &str, res: Result<PassEnd, Stop>) -> PassEnd {
     match res {
         Ok(end) => end,
         Err(Stop(StoreError::NotFound)) => {

@@ -78,6 +78,7 @@ pub(crate) async fn process(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
         }
     } else {
         for &i in &todo {
+            ctx.keep_lease().await?;
             let call = ctx.call_for(&ctx.branches[i]);
             let out = ctx.exec(call).await;
             if out.is_success() {

@@ -166,6 +166,7 @@ pub(crate) async fn process(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
             let Some((i, out)) = running.next().await else {
                 break;
             };
+            ctx.keep_lease().await?;
             let url = ctx.branches[steps[i].action].url.clone();
             match out {
                 BranchOutcome::Success => ctx.set_branch(steps[i].action, status::SUCCEED),
@@ -251,6 +252,7 @@ pub(crate) async fn process(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
         let Some((i, out)) = running.next().await else {
             break;
         };
+        ctx.keep_lease().await?;
         if out.is_success() {
             ctx.set_branch(steps[i].compensate, status::SUCCEED);
         } else {

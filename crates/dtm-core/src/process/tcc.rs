@@ -43,6 +43,7 @@ pub(crate) async fn process(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
         }
         let url = b.url.clone();
         let call = ctx.call_for(b);
+        ctx.keep_lease().await?;
         let out = ctx.exec(call).await;
         if out.is_success() {
             ctx.set_branch(i, status::SUCCEED);
