@@ -84,10 +84,12 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<String> {
     match cfg.driver() {
         "postgres" | "mysql" => {
             let o = cfg.sql_options().map_err(anyhow::Error::msg)?;
-            let s = dtm_store::SqlStore::open(&o)
+            let done = dtm_store::sql::migrate_only(&o)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            s.close().await;
+            for d in done {
+                tracing::info!("{}: {d}", o.describe());
+            }
             Ok(o.describe())
         }
         "sqlite" => {

@@ -221,11 +221,14 @@ impl SqlStore {
             }
         }
         .map_err(|e| open_error(&errs, o, &e))?;
-        let done = migrate(&*engine)
+        let m = migrate(&*engine)
             .await
             .map_err(|e| errs.store(engine.classify(&e), "create or migrate the tables", &e))?;
-        for d in done {
+        for d in m.done {
             tracing::info!("{desc}: schema: {d}");
+        }
+        for w in m.warnings {
+            tracing::warn!("{desc}: {w}");
         }
         // leave at least half the pool to reads
         let n = (o.max_open_conns as usize / 2).clamp(1, MAX_WRITERS);
@@ -288,7 +291,7 @@ fn open_error(errs: &Errs, o: &SqlOptions, e: &DbError) -> StoreError {
 }
 
 /// Create or migrate the tables (what `dtm migrate` does).
-async fn migrate(engine: &dyn Engine) -> Result<Vec<String>, DbError> {
+async fn migrate(engine: &dyn Engine) -> Result<ops::Migration, DbError> {
     // Postgres runs the DDL in one transaction; MySQL commits each DDL statement anyway.
     let mut c = match engine.dialect() {
         Dialect::Postgres => engine.begin().await?,
@@ -550,6 +553,36 @@ impl Store for SqlStore {
             }
         }
     }
+}
+
+/// `dtm migrate`: create or upgrade the tables and return what was done. Unlike
+/// [`SqlStore::open`], an upgrade that cannot be made is an error.
+pub async fn migrate_only(o: &SqlOptions) -> Result<Vec<String>, StoreError> {
+    o.check().map_err(StoreError::Unavailable)?;
+    let errs = Errs {
+        desc: o.describe().into(),
+        acquire_timeout: o.acquire_timeout,
+    };
+    let engine: Box<dyn Engine> = match o.dialect {
+        Dialect::Postgres => pg::open(o).await.map(|e| Box::new(e) as Box<dyn Engine>),
+        Dialect::MySql => mysql::open(o, mysql::Zone::Local)
+            .await
+            .map(|e| Box::new(e) as Box<dyn Engine>),
+    }
+    .map_err(|e| open_error(&errs, o, &e))?;
+    let r = migrate(&*engine)
+        .await
+        .map_err(|e| errs.store(engine.classify(&e), "create or migrate the tables", &e));
+    engine.close().await;
+    let m = r?;
+    if !m.warnings.is_empty() {
+        return Err(StoreError::Unavailable(format!(
+            "{}: {}",
+            errs.desc,
+            m.warnings.join("; ")
+        )));
+    }
+    Ok(m.done)
 }
 
 /// Drop the store's namespace: the Postgres schema or the MySQL database, with all data.

@@ -16,8 +16,11 @@ const FINISHED: &str = "status IN ('succeed', 'failed')";
 
 /// Tables as dtm defines them (same names, columns and keys, so that a database written by
 /// dtm can be taken over and the other way round), with times at millisecond precision.
-const PG_SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS trans_global (
+const PG_SCHEMA: &[(&str, &[&str])] = &[
+    (
+        "trans_global",
+        &[
+            "CREATE TABLE IF NOT EXISTS trans_global (
   id bigserial PRIMARY KEY,
   gid varchar(128) NOT NULL,
   trans_type varchar(45) NOT NULL,
@@ -38,9 +41,13 @@ const PG_SCHEMA: &[&str] = &[
   rollback_reason varchar(1024) DEFAULT '',
   CONSTRAINT gid UNIQUE (gid)
 )",
-    "CREATE INDEX IF NOT EXISTS owner ON trans_global (owner)",
-    "CREATE INDEX IF NOT EXISTS status_next_cron_time ON trans_global (status, next_cron_time)",
-    "CREATE TABLE IF NOT EXISTS trans_branch_op (
+            "CREATE INDEX IF NOT EXISTS owner ON trans_global (owner)",
+            "CREATE INDEX IF NOT EXISTS status_next_cron_time ON trans_global (status, next_cron_time)",
+        ],
+    ),
+    (
+        "trans_branch_op",
+        &["CREATE TABLE IF NOT EXISTS trans_branch_op (
   id bigserial PRIMARY KEY,
   gid varchar(128) NOT NULL,
   url varchar(1024) NOT NULL,
@@ -54,8 +61,11 @@ const PG_SCHEMA: &[&str] = &[
   create_time timestamp(3) with time zone DEFAULT NULL,
   update_time timestamp(3) with time zone DEFAULT NULL,
   CONSTRAINT gid_branch_uniq UNIQUE (gid, branch_id, op)
-)",
-    "CREATE TABLE IF NOT EXISTS kv (
+)"],
+    ),
+    (
+        "kv",
+        &["CREATE TABLE IF NOT EXISTS kv (
   id bigserial PRIMARY KEY,
   cat varchar(45) NOT NULL,
   k varchar(128) NOT NULL,
@@ -64,11 +74,14 @@ const PG_SCHEMA: &[&str] = &[
   create_time timestamp(3) with time zone DEFAULT NULL,
   update_time timestamp(3) with time zone DEFAULT NULL,
   CONSTRAINT uniq_k UNIQUE (cat, k)
-)",
+)"],
+    ),
 ];
 
-const MYSQL_SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS trans_global (
+const MYSQL_SCHEMA: &[(&str, &[&str])] = &[
+    (
+        "trans_global",
+        &["CREATE TABLE IF NOT EXISTS trans_global (
   id bigint NOT NULL AUTO_INCREMENT,
   gid varchar(128) NOT NULL,
   trans_type varchar(45) NOT NULL,
@@ -91,8 +104,11 @@ const MYSQL_SCHEMA: &[&str] = &[
   UNIQUE KEY gid (gid),
   KEY owner (owner),
   KEY status_next_cron_time (status, next_cron_time)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
-    "CREATE TABLE IF NOT EXISTS trans_branch_op (
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"],
+    ),
+    (
+        "trans_branch_op",
+        &["CREATE TABLE IF NOT EXISTS trans_branch_op (
   id bigint NOT NULL AUTO_INCREMENT,
   gid varchar(128) NOT NULL,
   url varchar(1024) NOT NULL,
@@ -107,8 +123,11 @@ const MYSQL_SCHEMA: &[&str] = &[
   update_time datetime(3) DEFAULT NULL,
   PRIMARY KEY (id),
   UNIQUE KEY gid_uniq (gid, branch_id, op)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
-    "CREATE TABLE IF NOT EXISTS kv (
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"],
+    ),
+    (
+        "kv",
+        &["CREATE TABLE IF NOT EXISTS kv (
   id bigint NOT NULL AUTO_INCREMENT,
   cat varchar(45) NOT NULL,
   k varchar(128) NOT NULL,
@@ -118,17 +137,28 @@ const MYSQL_SCHEMA: &[&str] = &[
   update_time datetime(3) DEFAULT NULL,
   PRIMARY KEY (id),
   UNIQUE KEY uniq_k (cat, k)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"],
+    ),
 ];
 
 const TABLES: &[&str] = &["trans_global", "trans_branch_op", "kv"];
 
+/// What a migration did, for the log.
+#[derive(Debug, Default)]
+pub(crate) struct Migration {
+    pub done: Vec<String>,
+    /// Upgrades that could not be made (say the user may not ALTER dtm's tables); the
+    /// store works without them.
+    pub warnings: Vec<String>,
+}
+
 /// Create the tables when missing and bring existing ones (dtm's, or an older dtm-rs's)
 /// up to date. Idempotent; serialised between processes by a lock, so that several
-/// servers may start at once. Returns what it changed, for the log.
-pub(crate) async fn migrate(c: &mut dyn Exec) -> Result<Vec<String>, DbError> {
+/// servers may start at once. Existing tables get no DDL beyond the upgrades, so a user
+/// with data rights only can run on tables someone else created.
+pub(crate) async fn migrate(c: &mut dyn Exec) -> Result<Migration, DbError> {
     let d = c.dialect();
-    let mut done = Vec::new();
+    let mut done = Migration::default();
     // Postgres: DDL is transactional and `c` is a transaction; the lock ends with it.
     // MySQL: DDL commits by itself; a named lock guards the section.
     match d {
@@ -153,23 +183,48 @@ pub(crate) async fn migrate(c: &mut dyn Exec) -> Result<Vec<String>, DbError> {
     r.map(|()| done)
 }
 
-async fn migrate_locked(
-    c: &mut dyn Exec,
-    d: Dialect,
-    done: &mut Vec<String>,
-) -> Result<(), DbError> {
+async fn migrate_locked(c: &mut dyn Exec, d: Dialect, m: &mut Migration) -> Result<(), DbError> {
     let schema = match d {
         Dialect::Postgres => PG_SCHEMA,
         Dialect::MySql => MYSQL_SCHEMA,
     };
-    for table in TABLES {
-        if !table_exists(c, d, table).await? {
-            done.push(format!("created table {table}"));
+    for (table, stmts) in schema {
+        if table_exists(c, d, table).await? {
+            continue;
+        }
+        for stmt in *stmts {
+            c.exec(stmt, &[]).await?;
+        }
+        m.done.push(format!("created table {table}"));
+    }
+    // Postgres: a failed statement would abort the whole transaction; a savepoint keeps
+    // the tables created above when an upgrade is refused.
+    if d == Dialect::Postgres {
+        c.exec("SAVEPOINT dtm_upgrade", &[]).await?;
+    }
+    let before = m.done.len();
+    match upgrade(c, d, &mut m.done).await {
+        Ok(()) => {
+            if d == Dialect::Postgres {
+                c.exec("RELEASE SAVEPOINT dtm_upgrade", &[]).await?;
+            }
+        }
+        Err(e) => {
+            if d == Dialect::Postgres {
+                c.exec("ROLLBACK TO SAVEPOINT dtm_upgrade", &[]).await?;
+            }
+            m.done.truncate(before);
+            m.warnings.push(format!(
+                "could not upgrade the tables ({e}); running on them as they are (times to the second, no index for the retention cleanup). Run `dtm migrate` as a user who may ALTER them"
+            ));
         }
     }
-    for stmt in schema {
-        c.exec(stmt, &[]).await?;
-    }
+    Ok(())
+}
+
+/// In-place upgrades of existing tables. Each step checks first, so a second run does
+/// nothing.
+async fn upgrade(c: &mut dyn Exec, d: Dialect, done: &mut Vec<String>) -> Result<(), DbError> {
     // Migration 1: dtm creates its time columns with second precision; the engine
     // compares next_cron_time and create_time, so keep milliseconds. Widening the
     // precision keeps every stored value and dtm reads the columns as before.

@@ -73,9 +73,21 @@ pub(crate) async fn open(o: &SqlOptions) -> Result<PgEngine, DbError> {
     }
     {
         let mut c = PgConnection::connect_with(&target).await?;
-        // The schema name was checked to be a plain identifier (see SqlOptions::check).
-        let sql = format!("CREATE SCHEMA IF NOT EXISTS {}", o.schema);
-        let r = query(AssertSqlSafe(sql)).execute(&mut c).await;
+        // Look first: CREATE SCHEMA IF NOT EXISTS needs the right to create even when the
+        // schema exists. Unquoted, the name folds to lower case, as in search_path.
+        let exists = query("SELECT 1 FROM pg_namespace WHERE nspname = lower($1)")
+            .bind(o.schema.as_str())
+            .fetch_optional(&mut c)
+            .await;
+        let r = match exists {
+            Ok(Some(_)) => Ok(Default::default()),
+            // The schema name was checked to be a plain identifier (see SqlOptions::check).
+            Ok(None) => {
+                let sql = format!("CREATE SCHEMA IF NOT EXISTS {}", o.schema);
+                query(AssertSqlSafe(sql)).execute(&mut c).await
+            }
+            Err(e) => Err(e),
+        };
         let _ = c.close().await;
         match r {
             Ok(_) => {}
