@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-stores="${DTM_TEST_STORES:-sqlite redis}"
+stores="${DTM_TEST_STORES:-sqlite postgres mysql redis}"
 for s in $stores; do
   if [ "$s" != sqlite ]; then
     scripts/services.sh || exit 1
