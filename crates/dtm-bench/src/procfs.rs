@@ -97,6 +97,8 @@ pub struct CpuUse {
     pub bench_pct: Option<f64>,
     /// the whole machine, % of all cores (100 = every core busy)
     pub machine_pct: Option<f64>,
+    /// everything else on the machine (other processes, interrupts), % of one core
+    pub others_pct: Option<f64>,
 }
 
 pub fn cpu_between(a: &Snap, b: &Snap, wall: f64) -> CpuUse {
@@ -104,13 +106,23 @@ pub fn cpu_between(a: &Snap, b: &Snap, wall: f64) -> CpuUse {
         (Some(x), Some(y)) if wall > 0.0 => Some((y - x) / wall * 100.0),
         _ => None,
     };
+    let server_pct = pct(a.server_cpu, b.server_cpu);
+    let bench_pct = pct(a.own_cpu, b.own_cpu);
+    let others_pct = match (a.machine, b.machine) {
+        (Some((b0, _)), Some((b1, _))) if wall > 0.0 => {
+            let busy = b1.saturating_sub(b0) as f64 / clk_tck() / wall * 100.0;
+            Some((busy - server_pct.unwrap_or(0.0) - bench_pct.unwrap_or(0.0)).max(0.0))
+        }
+        _ => None,
+    };
     CpuUse {
-        server_pct: pct(a.server_cpu, b.server_cpu),
+        others_pct,
+        server_pct,
         server_secs: match (a.server_cpu, b.server_cpu) {
             (Some(x), Some(y)) => Some(y - x),
             _ => None,
         },
-        bench_pct: pct(a.own_cpu, b.own_cpu),
+        bench_pct,
         machine_pct: match (a.machine, b.machine) {
             (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
                 Some((b1 - b0) as f64 / (t1 - t0) as f64 * 100.0)

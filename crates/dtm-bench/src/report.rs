@@ -82,7 +82,7 @@ pub fn table(rows: &[Row], args: &Args) -> String {
             .unwrap_or(0)
     ));
     s.push_str(&format!(
-        "{:<16} {:>8} {:>6} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8} {:>8} {:>7} {:>7} {:>6}\n",
+        "{:<16} {:>8} {:>6} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8} {:>8} {:>7} {:>7} {:>6} {:>7}\n",
         "phase",
         "count",
         "secs",
@@ -96,11 +96,12 @@ pub fn table(rows: &[Row], args: &Args) -> String {
         "srvus/tx",
         "srvMB",
         "bench%",
-        "mach%"
+        "mach%",
+        "other%"
     ));
     for r in rows {
         s.push_str(&format!(
-            "{:<16} {:>8} {:>6.1} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.1} {:>6} {:>8} {:>8} {:>7} {:>7} {:>6}\n",
+            "{:<16} {:>8} {:>6.1} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.1} {:>6} {:>8} {:>8} {:>7} {:>7} {:>6} {:>7}\n",
             r.name,
             r.ok,
             r.wall,
@@ -115,6 +116,7 @@ pub fn table(rows: &[Row], args: &Args) -> String {
             opt(r.rss.map(|x| mb(x.0)), 0),
             opt(r.cpu.bench_pct, 0),
             opt(r.cpu.machine_pct, 0),
+            opt(r.cpu.others_pct, 0),
         ));
     }
     for r in rows {
@@ -134,6 +136,9 @@ pub fn table(rows: &[Row], args: &Args) -> String {
             ratio(h.tps(), b.tps())
         ));
     }
+    s.push_str(
+        "(srvCPU%, bench%, other%: % of one core used by the server, by this bench (load + branches), by everything else; mach%: % of all cores; srvus/tx: server CPU per transaction)\n",
+    );
     let (checked, good) = verified(rows);
     s.push_str(&format!(
         "verified: {good} of {checked} transactions succeed\n"
@@ -209,6 +214,9 @@ pub fn throughput_json(rows: &[Row], args: &Args, ok: bool) -> String {
         }
         if let Some(v) = h.cpu.machine_pct {
             j.num("machine_cpu_pct", v, 1);
+        }
+        if let Some(v) = h.cpu.others_pct {
+            j.num("other_processes_cpu_pct", v, 1);
         }
     }
     if let Some((rss, _)) = h.and_then(|r| r.rss) {
