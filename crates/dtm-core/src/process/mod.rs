@@ -302,6 +302,17 @@ pub(crate) async fn exec(co: &Coordinator, call: BranchCall) -> BranchOutcome {
 
 /// Run one pass for any mode.
 pub(crate) async fn run(co: &Coordinator, g: TransGlobal, branches: Vec<Branch>) -> PassEnd {
+    run_keep(co, g, branches).await.0
+}
+
+/// Run one pass; also give back the global as this pass left it in the store (every
+/// status it holds was written before the pass ended), or None when the pass stopped
+/// because the transaction changed under it or the store failed.
+pub(crate) async fn run_keep(
+    co: &Coordinator,
+    g: TransGlobal,
+    branches: Vec<Branch>,
+) -> (PassEnd, Option<TransGlobal>) {
     let gid = g.gid.clone();
     let mut ctx = Ctx::new(co, g, branches);
     let res = match ctx.g.trans_type.as_str() {
@@ -315,10 +326,10 @@ pub(crate) async fn run(co: &Coordinator, g: TransGlobal, branches: Vec<Branch>)
         }
     };
     match res {
-        Ok(end) => end,
+        Ok(end) => (end, Some(ctx.g)),
         Err(Stop(why)) => {
             tracing::info!(gid = %gid, "pass stopped: {why}");
-            PassEnd::Error(why)
+            (PassEnd::Error(why), None)
         }
     }
 }
