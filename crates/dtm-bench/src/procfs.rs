@@ -52,6 +52,18 @@ pub fn rss(pid: &str) -> Option<(u64, u64)> {
     Some((parse_status_kb(&s, "VmRSS")?, parse_status_kb(&s, "VmHWM")?))
 }
 
+/// (read syscalls, write syscalls, bytes written to storage) of a process from the text
+/// of `/proc/<pid>/io`.
+pub fn parse_io(io: &str) -> Option<(u64, u64, u64)> {
+    let get = |k: &str| {
+        io.lines().find_map(|l| {
+            let (a, b) = l.split_once(':')?;
+            (a.trim() == k).then(|| b.trim().parse::<u64>().ok())?
+        })
+    };
+    Some((get("syscr")?, get("syscw")?, get("write_bytes")?))
+}
+
 /// (busy, total) jiffies of all CPUs from the first line of `/proc/stat`.
 pub fn parse_machine(stat: &str) -> Option<(u64, u64)> {
     let line = stat.lines().next()?;
@@ -70,6 +82,7 @@ pub fn parse_machine(stat: &str) -> Option<(u64, u64)> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Snap {
     pub server_cpu: Option<f64>,
+    pub server_io: Option<(u64, u64, u64)>,
     pub own_cpu: Option<f64>,
     pub machine: Option<(u64, u64)>,
 }
@@ -78,6 +91,8 @@ impl Snap {
     pub fn take(server_pid: Option<&str>) -> Snap {
         Snap {
             server_cpu: server_pid.and_then(cpu_seconds),
+            server_io: server_pid
+                .and_then(|p| parse_io(&std::fs::read_to_string(format!("/proc/{p}/io")).ok()?)),
             own_cpu: cpu_seconds("self"),
             machine: std::fs::read_to_string("/proc/stat")
                 .ok()
@@ -99,6 +114,8 @@ pub struct CpuUse {
     pub machine_pct: Option<f64>,
     /// everything else on the machine (other processes, interrupts), % of one core
     pub others_pct: Option<f64>,
+    /// server (read syscalls, write syscalls, bytes written to storage) in the window
+    pub server_io: Option<(u64, u64, u64)>,
 }
 
 pub fn cpu_between(a: &Snap, b: &Snap, wall: f64) -> CpuUse {
@@ -116,6 +133,14 @@ pub fn cpu_between(a: &Snap, b: &Snap, wall: f64) -> CpuUse {
         _ => None,
     };
     CpuUse {
+        server_io: match (a.server_io, b.server_io) {
+            (Some(x), Some(y)) => Some((
+                y.0.saturating_sub(x.0),
+                y.1.saturating_sub(x.1),
+                y.2.saturating_sub(x.2),
+            )),
+            _ => None,
+        },
         others_pct,
         server_pct,
         server_secs: match (a.server_cpu, b.server_cpu) {
@@ -149,6 +174,13 @@ mod tests {
         assert_eq!(parse_status_kb(s, "VmRSS"), Some(10240 * 1024));
         assert_eq!(parse_status_kb(s, "VmHWM"), Some(20480 * 1024));
         assert_eq!(parse_status_kb(s, "VmSwap"), None);
+    }
+
+    #[test]
+    fn io_counters() {
+        let s = "rchar: 1\nwchar: 2\nsyscr: 10\nsyscw: 20\nread_bytes: 0\nwrite_bytes: 4096\n";
+        assert_eq!(parse_io(s), Some((10, 20, 4096)));
+        assert_eq!(parse_io("syscr: 1\n"), None);
     }
 
     #[test]

@@ -120,6 +120,20 @@ pub fn table(rows: &[Row], args: &Args) -> String {
         ));
     }
     for r in rows {
+        if let (Some((rd, wr, bytes)), true) =
+            (r.cpu.server_io, r.ok > 0 && r.kind != Kind::Baseline)
+        {
+            let n = r.ok as f64;
+            s.push_str(&format!(
+                "{}: server syscalls per transaction: {:.1} reads, {:.1} writes; {:.1} KiB written to storage\n",
+                r.name,
+                rd as f64 / n,
+                wr as f64 / n,
+                bytes as f64 / n / 1024.0
+            ));
+        }
+    }
+    for r in rows {
         if let Some(t) = r.settle {
             s.push_str(&format!(
                 "{}: every transaction final {t:.1}s after the phase ended\n",
@@ -217,6 +231,10 @@ pub fn throughput_json(rows: &[Row], args: &Args, ok: bool) -> String {
         }
         if let Some(v) = h.cpu.others_pct {
             j.num("other_processes_cpu_pct", v, 1);
+        }
+        if let (Some((rd, wr, _)), true) = (h.cpu.server_io, h.ok > 0) {
+            j.num("server_read_syscalls_per_saga", rd as f64 / h.ok as f64, 2)
+                .num("server_write_syscalls_per_saga", wr as f64 / h.ok as f64, 2);
         }
     }
     if let Some((rss, _)) = h.and_then(|r| r.rss) {
