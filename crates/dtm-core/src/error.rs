@@ -7,6 +7,9 @@ pub enum ApiError {
     /// Malformed or invalid input: HTTP 400.
     #[error("{0}")]
     BadRequest(String),
+    /// The request body is larger than the configured limit: HTTP 413.
+    #[error("{0}")]
+    TooLarge(String),
     /// The named transaction or topic does not exist: HTTP 404.
     #[error("{0}")]
     NotFound(String),

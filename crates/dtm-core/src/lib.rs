@@ -8,6 +8,7 @@ mod process;
 pub mod recovery;
 pub mod service;
 pub mod settings;
+pub mod stats;
 pub mod store;
 
 pub use caller::{BranchCall, BranchCaller};

@@ -33,6 +33,8 @@ pub struct Coordinator {
     pub(crate) settings: Settings,
     /// This node's lease owner id.
     pub(crate) node: String,
+    /// Counters for the metrics endpoint.
+    pub stats: crate::stats::Stats,
     inflight: Mutex<HashSet<String>>,
 }
 
@@ -62,6 +64,11 @@ fn is_http_url(u: &str) -> bool {
     u.starts_with("http://") || u.starts_with("https://")
 }
 
+/// `host:port/package.Service/Method`, the form of gRPC branch URLs.
+fn is_grpc_url(u: &str) -> bool {
+    !u.contains("://") && u.contains('/')
+}
+
 impl Coordinator {
     pub fn new(store: Arc<dyn Store>, caller: Arc<dyn BranchCaller>, settings: Settings) -> Self {
         Coordinator {
@@ -69,6 +76,7 @@ impl Coordinator {
             caller,
             settings,
             node: format!("node-{}", crate::new_gid()),
+            stats: Default::default(),
             inflight: Mutex::new(HashSet::new()),
         }
     }
@@ -173,7 +181,7 @@ impl Coordinator {
             if is_msg && what.ends_with("action") && u.starts_with("topic://") {
                 return Ok(());
             }
-            if req.protocol == protocol::GRPC && !u.contains("://") && u.contains('/') {
+            if req.protocol == protocol::GRPC && is_grpc_url(u) {
                 return Ok(());
             }
             Err(ApiError::BadRequest(format!(
@@ -457,7 +465,8 @@ impl Coordinator {
             PassEnd::Ongoing(m) => return Err(ApiError::Ongoing(format!("ONGOING: {m}"))),
             PassEnd::Failure(m) => return Err(ApiError::failure(m)),
             PassEnd::Error(m) => return Err(ApiError::Internal(m)),
-            PassEnd::Done | PassEnd::Busy => {}
+            PassEnd::StoreDown(m) => return Err(StoreError::Unavailable(m).into()),
+            PassEnd::Done | PassEnd::Busy | PassEnd::Superseded => {}
         }
         // a pass that ended Done wrote every status it holds; re-reading costs a store
         // round trip per saga (bench/README.md)
@@ -545,6 +554,7 @@ impl Coordinator {
                 PassEnd::Ongoing(m) => Err(ApiError::Ongoing(format!("ONGOING: {m}"))),
                 PassEnd::Failure(m) => Err(ApiError::failure(m)),
                 PassEnd::Error(m) => Err(ApiError::Internal(m)),
+                PassEnd::StoreDown(m) => Err(StoreError::Unavailable(m).into()),
                 _ => Ok(()),
             }
         } else {
@@ -582,7 +592,7 @@ impl Coordinator {
             finish_time: (st != status::PREPARED).then_some(t),
             ..Default::default()
         };
-        let data = req.get("data").as_bytes().to_vec();
+        let data = req.body();
         let rows = match tt.as_str() {
             trans_type::TCC => vec![
                 mk(
@@ -621,10 +631,7 @@ impl Coordinator {
             }
         };
         for r in &rows {
-            if r.url.is_empty()
-                || is_http_url(&r.url)
-                || (!r.url.contains("://") && r.url.contains('/'))
-            {
+            if r.url.is_empty() || is_http_url(&r.url) || is_grpc_url(&r.url) {
                 continue;
             }
             return Err(ApiError::BadRequest(format!(
@@ -809,7 +816,7 @@ impl Coordinator {
                 "empty url: give ?url=<subscriber url>".into(),
             ));
         }
-        if !is_http_url(url) && !(url.contains('/') && !url.contains("://")) {
+        if !is_http_url(url) && !is_grpc_url(url) {
             return Err(ApiError::BadRequest(format!(
                 "url '{url}' is not http(s)://host/path or host:port/package.Service/Method"
             )));

@@ -168,4 +168,15 @@ pub trait Store: Send + Sync + 'static {
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError>;
     /// Flush and stop accepting writes (graceful shutdown).
     async fn close(&self) {}
+    /// Retention: delete up to `limit` finished (`succeed`/`failed`) transactions, with
+    /// their branches, whose last update is older than `before`; return how many. Never
+    /// touches unfinished transactions. The default deletes nothing (for backends that
+    /// expire data by themselves or keep it forever).
+    async fn purge_finished(
+        &self,
+        _before: DateTime<Utc>,
+        _limit: usize,
+    ) -> Result<usize, StoreError> {
+        Ok(0)
+    }
 }

@@ -4,6 +4,7 @@
 
 mod b64;
 pub mod model;
+pub mod pb;
 pub mod request;
 
 pub use b64::{decode as base64_decode, encode as base64_encode};

@@ -208,6 +208,9 @@ impl TransRequest {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RegisterBranchRequest {
     pub fields: BTreeMap<String, String>,
+    /// The branch body as bytes (gRPC `BusiPayload`); when `None` the `data` field's text
+    /// is the body.
+    pub bin_data: Option<Vec<u8>>,
 }
 
 impl RegisterBranchRequest {
@@ -237,11 +240,22 @@ impl RegisterBranchRequest {
         if let Some(g) = fields.get_mut("gid") {
             *g = crate::escape(g);
         }
-        Ok(RegisterBranchRequest { fields })
+        Ok(RegisterBranchRequest {
+            fields,
+            bin_data: None,
+        })
     }
 
     pub fn get(&self, k: &str) -> &str {
         self.fields.get(k).map(String::as_str).unwrap_or("")
+    }
+
+    /// The branch body: `bin_data` when given, else the bytes of the `data` field.
+    pub fn body(&self) -> Vec<u8> {
+        match &self.bin_data {
+            Some(b) => b.clone(),
+            None => self.get("data").as_bytes().to_vec(),
+        }
     }
 }
 

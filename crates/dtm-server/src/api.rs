@@ -56,6 +56,9 @@ fn error_response(e: &ApiError) -> Response {
         ),
         ApiError::BadRequest(m) => json_response(StatusCode::BAD_REQUEST, json!({"message": m})),
         ApiError::NotFound(m) => json_response(StatusCode::NOT_FOUND, json!({"message": m})),
+        ApiError::TooLarge(m) => {
+            json_response(StatusCode::PAYLOAD_TOO_LARGE, json!({"message": m}))
+        }
         ApiError::Unavailable(m) => {
             json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"message": m}))
         }
@@ -72,7 +75,7 @@ fn reply(r: Result<Response, ApiError>) -> Response {
 fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::BadRequest(format!(
+            ApiError::TooLarge(format!(
                 "request body too large: {e}; raise HttpMaxBodyBytes (HTTP_MAX_BODY_BYTES) if this is intended"
             ))
         } else {
@@ -317,7 +320,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(),
+        s.metrics.render(&s.co.stats),
     )
         .into_response()
 }
@@ -370,6 +373,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .nest("/api/dtmsvr", api)
         .route("/api/ping", any(ping))
+        .route("/api/json-rpc", post(crate::jrpc::handle))
         .route("/api/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))

@@ -6,20 +6,28 @@ use async_trait::async_trait;
 use dtm_core::{BranchCall, BranchCaller};
 use dtm_proto::{BranchOutcome, classify_http, protocol, trans_type};
 
+use crate::grpc_caller::GrpcCaller;
+
+/// Calls branches over HTTP and JSON-RPC, and hands gRPC branches to [`GrpcCaller`]
+/// (transport selection of dtm §5.1).
 pub struct HttpCaller {
     client: reqwest::Client,
+    grpc: GrpcCaller,
 }
 
 impl HttpCaller {
     pub fn new() -> anyhow::Result<HttpCaller> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_crypto();
         let client = reqwest::Client::builder()
             .no_proxy()
             .pool_max_idle_per_host(256)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()?;
-        Ok(HttpCaller { client })
+        Ok(HttpCaller {
+            client,
+            grpc: GrpcCaller::new(),
+        })
     }
 }
 
@@ -83,10 +91,7 @@ fn jrpc_method(url: &str) -> Option<String> {
 impl BranchCaller for HttpCaller {
     async fn call(&self, c: &BranchCall) -> BranchOutcome {
         if c.protocol != protocol::HTTP && !is_http(&c.url) {
-            return BranchOutcome::Error(format!(
-                "cannot call '{}': gRPC branches are not supported by this server build",
-                c.url
-            ));
+            return self.grpc.call(c).await;
         }
         if c.protocol == protocol::JSON_RPC && c.url.contains("method") {
             return self.call_jrpc(c).await;
@@ -150,13 +155,17 @@ impl HttpCaller {
         let Some(method) = jrpc_method(&c.url) else {
             return BranchOutcome::Error(format!("JSON-RPC URL {} has no method parameter", c.url));
         };
+        // an empty body (msg back-check) or null payload gives params with the ids only
         let mut params = match serde_json::from_slice::<serde_json::Value>(&c.body) {
             Ok(serde_json::Value::Object(m)) => m,
             Ok(serde_json::Value::Null) => serde_json::Map::new(),
+            _ if c.body.is_empty() => serde_json::Map::new(),
             _ => {
-                return BranchOutcome::Error(
-                    "a JSON-RPC branch payload must be a JSON object".to_string(),
-                );
+                return BranchOutcome::Error(format!(
+                    "the payload of branch {} ({}) is not a JSON object, which a JSON-RPC call \
+                     needs as params: give this step an object payload",
+                    c.branch_id, c.op
+                ));
             }
         };
         for (k, v) in [

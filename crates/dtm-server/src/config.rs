@@ -287,15 +287,16 @@ impl Config {
         }
         match self.driver() {
             "sqlite" => {}
-            "mysql" | "postgres" | "redis" => {
+            "mysql" | "postgres" => self.validate_sql()?,
+            "redis" => {
                 return Err(format!(
-                    "Store.Driver (STORE_DRIVER) '{}' is not available in this build; use sqlite (or boltdb, its alias) for the embedded store",
+                    "Store.Driver (STORE_DRIVER) '{}' is not available in this build; use sqlite (or boltdb, its alias) for the embedded store, or postgres or mysql",
                     self.driver()
                 ));
             }
             other => {
                 return Err(format!(
-                    "Store.Driver (STORE_DRIVER) '{other}' is unknown: use sqlite (alias boltdb)"
+                    "Store.Driver (STORE_DRIVER) '{other}' is unknown: use sqlite (alias boltdb), postgres or mysql"
                 ));
             }
         }
@@ -310,6 +311,73 @@ impl Config {
                 .push("Log.RotationEnable is not supported; logs are not rotated".into());
         }
         Ok(())
+    }
+
+    /// What the SQL drivers need, checked as dtm checks it (host, port, user, schema).
+    fn validate_sql(&self) -> Result<(), String> {
+        let driver = self.driver().to_string();
+        for (k, what) in [
+            ("Store.Host", "the database host"),
+            ("Store.User", "the database user"),
+            ("Store.Db", "the database name"),
+        ] {
+            if self.str(k).trim().is_empty() {
+                return Err(format!(
+                    "{k} ({}) is required for the {driver} store: set it to {what}",
+                    env_name(k)
+                ));
+            }
+        }
+        if driver == "postgres" && self.str("Store.Schema").trim().is_empty() {
+            return Err(
+                "Store.Schema (STORE_SCHEMA) is required for the postgres store: set it to the schema of dtm's tables, e.g. public"
+                    .into(),
+            );
+        }
+        let port = self.int("Store.Port");
+        if !(1..=65535).contains(&port) {
+            return Err(format!(
+                "Store.Port (STORE_PORT) must be the {driver} server's port (1-65535, usually {}), got {port}",
+                if driver == "postgres" { 5432 } else { 3306 }
+            ));
+        }
+        if self.int("Store.MaxOpenConns") < 1 {
+            return Err(format!(
+                "Store.MaxOpenConns (STORE_MAX_OPEN_CONNS) must be at least 1, got {}",
+                self.int("Store.MaxOpenConns")
+            ));
+        }
+        self.sql_options()?.check()
+    }
+
+    /// Connection settings of the postgres / mysql store.
+    pub fn sql_options(&self) -> Result<dtm_store::SqlOptions, String> {
+        let dialect = match self.driver() {
+            "postgres" => dtm_store::sql::Dialect::Postgres,
+            "mysql" => dtm_store::sql::Dialect::MySql,
+            other => return Err(format!("Store.Driver '{other}' is not a SQL driver")),
+        };
+        let offset = self.str("TimeZoneOffset").trim();
+        let utc_offset_hours = if offset.is_empty() {
+            None
+        } else {
+            Some(offset.parse::<i32>().map_err(|_| {
+                format!("TimeZoneOffset (TIME_ZONE_OFFSET) must be whole hours such as 8 or -5, got '{offset}'")
+            })?)
+        };
+        let minutes = self.int("Store.ConnMaxLifeTime");
+        let mut o = dtm_store::SqlOptions::new(dialect);
+        o.host = self.str("Store.Host").trim().to_string();
+        o.port = u16::try_from(self.int("Store.Port")).unwrap_or(0);
+        o.user = self.str("Store.User").to_string();
+        o.password = self.str("Store.Password").to_string();
+        o.db = self.str("Store.Db").to_string();
+        o.schema = self.str("Store.Schema").trim().to_string();
+        o.max_open_conns = u32::try_from(self.int("Store.MaxOpenConns").max(1)).unwrap_or(u32::MAX);
+        o.conn_max_lifetime =
+            (minutes > 0).then(|| std::time::Duration::from_secs(minutes as u64 * 60));
+        o.utc_offset_hours = utc_offset_hours;
+        Ok(o)
     }
 
     pub fn str(&self, k: &str) -> &str {
@@ -330,6 +398,15 @@ impl Config {
 
     pub fn store_file(&self) -> PathBuf {
         PathBuf::from(self.str("Store.File"))
+    }
+
+    /// The `Store.*` values as environment variables, to start another `dtm` process on
+    /// the same store.
+    pub fn store_env(&self) -> Vec<(String, String)> {
+        KEYS.iter()
+            .filter(|k| k.path.starts_with("Store."))
+            .map(|k| (env_name(k.path), self.str(k.path).to_string()))
+            .collect()
     }
 
     /// Override one value (tests and the CLI).
@@ -411,5 +488,79 @@ mod tests {
         assert!(e.contains("oracle"), "{e}");
         let e = Config::load(None, |k| (k == "TIMEOUT_TO_FAIL").then(|| "5".into())).unwrap_err();
         assert!(e.contains("TimeoutToFail"), "{e}");
+    }
+
+    #[test]
+    fn sql_drivers_need_host_port_user() {
+        let env = |vals: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vals.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let e = Config::load(None, env(&[("STORE_DRIVER", "postgres")])).unwrap_err();
+        assert!(e.contains("STORE_HOST"), "{e}");
+        let e = Config::load(
+            None,
+            env(&[("STORE_DRIVER", "mysql"), ("STORE_HOST", "db")]),
+        )
+        .unwrap_err();
+        assert!(e.contains("STORE_USER"), "{e}");
+        let e = Config::load(
+            None,
+            env(&[
+                ("STORE_DRIVER", "mysql"),
+                ("STORE_HOST", "db"),
+                ("STORE_USER", "root"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.contains("STORE_PORT") && e.contains("3306"), "{e}");
+        let e = Config::load(
+            None,
+            env(&[
+                ("STORE_DRIVER", "postgres"),
+                ("STORE_HOST", "db"),
+                ("STORE_USER", "u"),
+                ("STORE_PORT", "5432"),
+                ("STORE_SCHEMA", "my-schema"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.contains("STORE_SCHEMA"), "{e}");
+        let c = Config::load(
+            None,
+            env(&[
+                ("STORE_DRIVER", "postgres"),
+                ("STORE_HOST", "db"),
+                ("STORE_USER", "u"),
+                ("STORE_PASSWORD", "p"),
+                ("STORE_PORT", "5433"),
+                ("STORE_CONN_MAX_LIFE_TIME", "2"),
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let o = c.sql_options().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (
+                o.host.as_str(),
+                o.port,
+                o.user.as_str(),
+                o.db.as_str(),
+                o.schema.as_str()
+            ),
+            ("db", 5433, "u", "dtm", "public")
+        );
+        assert_eq!(
+            o.conn_max_lifetime,
+            Some(std::time::Duration::from_secs(120))
+        );
+        let e = Config::load(
+            None,
+            env(&[("STORE_DRIVER", "redis"), ("STORE_HOST", "db")]),
+        )
+        .unwrap_err();
+        assert!(e.contains("not available"), "{e}");
     }
 }

@@ -11,7 +11,8 @@ use tokio::net::TcpListener;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "Usage: dtm [-c conf.yml] [-d] [-v]
+const USAGE: &str = "Usage: dtm [migrate] [-c conf.yml] [-d] [-v]
+  migrate  create or upgrade the store's tables (postgres, mysql, sqlite), then exit
   -c FILE  read the configuration from a YAML file (dtm's keys); environment variables
            such as STORE_DRIVER, HTTP_PORT, RETRY_INTERVAL apply under it
   -d       debug logging
@@ -27,8 +28,10 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut conf: Option<PathBuf> = None;
     let mut debug = false;
+    let mut migrate = false;
     while let Some(a) = args.next() {
         match a.as_str() {
+            "migrate" => migrate = true,
             "-c" => match args.next() {
                 Some(p) => conf = Some(PathBuf::from(p)),
                 None => fail("-c needs a file name\n".to_string().as_str()),
@@ -78,14 +81,39 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => fail(&format!("cannot start the runtime: {e}")),
     };
-    if let Err(e) = rt.block_on(run(cfg)) {
+    if migrate {
+        match rt.block_on(dtm_server::migrate(&cfg)) {
+            Ok(store) => {
+                tracing::info!("store {store}: tables are up to date");
+                return;
+            }
+            Err(e) => {
+                tracing::error!("migration failed: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let result = rt.block_on(run(cfg));
+    // the store is closed and flushed by now; idle pooled connections need not linger
+    rt.shutdown_timeout(Duration::from_millis(200));
+    if let Err(e) = result {
         tracing::error!("{e:#}");
         std::process::exit(1);
     }
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let store = dtm_server::open_store(&cfg)?;
+    // Wait for the database rather than exit: it may start after dtm.
+    let store = loop {
+        match dtm_server::open_store(&cfg).await {
+            Ok(s) => break s,
+            Err(e) if cfg.driver() == "sqlite" => return Err(e),
+            Err(e) => {
+                tracing::warn!("cannot open the store: {e:#}; retrying in 3s");
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        }
+    };
     loop {
         match store.ping().await {
             Ok(()) => break,
@@ -103,11 +131,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         settings: cfg.settings(),
         max_body: cfg.int("HttpMaxBodyBytes") as usize,
     };
-    let server = Server::start(opts, store.clone(), listener).await?;
+    let grpc_addr = format!("{}:{}", cfg.str("ListenHost"), cfg.int("GrpcPort"));
+    let grpc_listener = TcpListener::bind(&grpc_addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {grpc_addr} for gRPC: {e}; set GRPC_PORT to a free port")
+    })?;
+    let server =
+        Server::start_with_grpc(opts, store.clone(), listener, Some(grpc_listener)).await?;
     tracing::info!(
-        "dtm-rs {} listening on http://{} ; store {}",
+        "dtm-rs {} listening on http://{} and gRPC {} ; store {}",
         dtm_server::VERSION,
         server.http_addr,
+        grpc_addr,
         store.describe()
     );
     wait_for_signal().await;

@@ -395,3 +395,32 @@ async fn saga_retry_limit() -> R {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn saga_request_timeout_per_transaction() -> R {
+    let mut settings = dtm_testkit::fast_settings();
+    settings.request_timeout = 1;
+    let s = TestServer::start_with(settings).await?;
+    let b = Busi::start().await?;
+    b.set_delay(std::time::Duration::from_millis(1500));
+    // the global 1 s timeout cuts the slow branch off: the saga stays submitted
+    let gid = s.new_gid().await?;
+    let body = with(
+        saga(&gid, &b, &[("TransOut", "")], &json!({})),
+        json!({"wait_result": true}),
+    );
+    let (code, _) = s.post("submit", &body).await?;
+    assert_ne!(code, 200);
+    assert_eq!(s.status(&gid).await?, "submitted");
+    s.post("forceStop", &json!({"gid": gid})).await?;
+    // the transaction's own request_timeout of 3 s lets it finish
+    let gid = s.new_gid().await?;
+    let body = with(
+        saga(&gid, &b, &[("TransOut", "")], &json!({})),
+        json!({"wait_result": true, "request_timeout": 3}),
+    );
+    let (code, v) = s.post("submit", &body).await?;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(s.branches(&gid).await?, "ps");
+    Ok(())
+}

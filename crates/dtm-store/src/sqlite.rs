@@ -153,8 +153,19 @@ fn db_err(e: rusqlite::Error) -> StoreError {
 }
 
 struct Job {
-    op: WriteOp,
+    op: Work,
     reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+}
+
+/// What the writer thread does for a job.
+enum Work {
+    Op(Box<WriteOp>),
+    /// Retention: delete finished transactions last updated before `before` (ms).
+    /// Answered with `Reset { count }`.
+    Purge {
+        before: i64,
+        limit: usize,
+    },
 }
 
 /// Durability of commits.
@@ -195,6 +206,7 @@ impl SqliteStore {
         ))
         .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = std::thread::Builder::new()
             .name("dtm-sqlite-writer".into())
@@ -271,7 +283,10 @@ fn apply_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<WriteOutcome,
         let r = match tx.execute_batch("SAVEPOINT op") {
             Err(e) => Err(db_err(e)),
             Ok(()) => {
-                let r = apply_one(&tx, &job.op);
+                let r = match &job.op {
+                    Work::Op(op) => apply_one(&tx, op),
+                    Work::Purge { before, limit } => purge(&tx, *before, *limit),
+                };
                 let end = if r.is_err() {
                     "ROLLBACK TO op; RELEASE op"
                 } else {
@@ -519,6 +534,32 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
     }
 }
 
+fn purge(c: &Connection, before: i64, limit: usize) -> Result<WriteOutcome, StoreError> {
+    let gids: Vec<String> = c
+        .prepare_cached(
+            "SELECT gid FROM trans_global WHERE status IN ('succeed', 'failed') AND update_time < ?1 LIMIT ?2",
+        )
+        .map_err(db_err)?
+        .query_map(params![before, limit as i64], |r| r.get(0))
+        .map_err(db_err)?
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    for g in &gids {
+        c.prepare_cached("DELETE FROM trans_branch_op WHERE gid = ?1")
+            .map_err(db_err)?
+            .execute(params![g])
+            .map_err(db_err)?;
+        c.prepare_cached("DELETE FROM trans_global WHERE gid = ?1")
+            .map_err(db_err)?
+            .execute(params![g])
+            .map_err(db_err)?;
+    }
+    Ok(WriteOutcome::Reset {
+        count: gids.len() as i64,
+        has_remaining: false,
+    })
+}
+
 fn update_sql(u: &GlobalUpdate) -> (String, Vec<Sql>) {
     let mut cols = vec!["update_time = ?".to_string()];
     let mut vals = vec![Sql::Integer(u.update_time.timestamp_millis())];
@@ -668,16 +709,24 @@ impl Store for SqliteStore {
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let sender = self.writer.lock().ok().and_then(|w| w.clone());
-        let Some(sender) = sender else {
-            return Err(StoreError::Unavailable("the store is shutting down".into()));
-        };
-        sender
-            .send(Job { op, reply })
-            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
+        self.submit(Work::Op(Box::new(op))).await
+    }
+
+    async fn purge_finished(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        match self
+            .submit(Work::Purge {
+                before: before.timestamp_millis(),
+                limit,
+            })
+            .await?
+        {
+            WriteOutcome::Reset { count, .. } => Ok(count.max(0) as usize),
+            _ => Ok(0),
+        }
     }
 
     async fn close(&self) {
@@ -688,6 +737,21 @@ impl Store for SqliteStore {
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
+    }
+}
+
+impl SqliteStore {
+    async fn submit(&self, op: Work) -> Result<WriteOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let sender = self.writer.lock().ok().and_then(|w| w.clone());
+        let Some(sender) = sender else {
+            return Err(StoreError::Unavailable("the store is shutting down".into()));
+        };
+        sender
+            .send(Job { op, reply })
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
     }
 }
 

@@ -42,16 +42,20 @@ pub mod slot {
     pub const QUERY_PREPARED: &str = "QueryPreparedResult";
     pub const NEXT: &str = "NextResult";
     pub const FAILURE_REASON: &str = "FailureReason";
+    /// JSON-RPC busi (`/api/json-rpc`): the next call answers with an error.
+    pub const JRPC: &str = "JrpcResult";
+    /// gRPC `workflow.Workflow/Execute`: the next resume call's result.
+    pub const WORKFLOW: &str = "WorkflowResult";
 }
 
 #[derive(Default)]
-struct Inner {
+pub(crate) struct Inner {
     slots: Mutex<HashMap<String, String>>,
-    calls: Mutex<Vec<Call>>,
-    delay: Mutex<Duration>,
+    pub(crate) calls: Mutex<Vec<Call>>,
+    pub(crate) delay: Mutex<Duration>,
     retry_counter: Mutex<u32>,
     /// per-route sticky results (not one-shot), e.g. to make a branch fail until cleared
-    sticky: Mutex<HashMap<String, String>>,
+    pub(crate) sticky: Mutex<HashMap<String, String>>,
 }
 
 /// A running simulator.
@@ -60,7 +64,7 @@ pub struct Busi {
     /// Base URL of the routes, e.g. `http://127.0.0.1:PORT/api/busi`.
     pub url: String,
     pub addr: SocketAddr,
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl Busi {
@@ -71,6 +75,10 @@ impl Busi {
         let inner = Arc::new(Inner::default());
         let app = Router::new()
             .route("/api/busi/{route}", any(handle))
+            .route(
+                "/api/json-rpc",
+                axum::routing::post(crate::busi_jrpc::handle),
+            )
             .with_state(Arc::clone(&inner));
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -137,13 +145,9 @@ impl Busi {
             .map(|c| format!("{}/{}", c.route, c.q("op")))
             .collect()
     }
-
-    fn take(&self, slot: &str) -> Option<String> {
-        take(&self.inner, slot)
-    }
 }
 
-fn take(inner: &Inner, slot: &str) -> Option<String> {
+pub(crate) fn take(inner: &Inner, slot: &str) -> Option<String> {
     inner.slots.lock().ok()?.remove(slot)
 }
 
@@ -300,6 +304,7 @@ async fn handle(
                 result_response(&inner, "SUCCESS")
             }
         }
+        "WorkflowResume" => result_response(&inner, &pick(slot::NEXT, None)),
         _ => (StatusCode::NOT_FOUND, format!("no busi route {route}")).into_response(),
     }
 }

@@ -32,6 +32,11 @@ pub(crate) enum PassEnd {
     Done,
     /// Another task of this node is processing the transaction.
     Busy,
+    /// The transaction changed under the pass (another node took the lease, or an API
+    /// call such as forceStop changed its status); the pass stopped writing.
+    Superseded,
+    /// The store failed; the pass stopped. Nothing is lost: recovery picks it up again.
+    StoreDown(String),
     Ongoing(String),
     Failure(String),
     Error(String),
@@ -52,14 +57,11 @@ pub(crate) enum Sched {
 
 /// The pass stops: someone else changed the transaction, or the store failed.
 #[derive(Debug)]
-pub(crate) struct Stop(pub String);
+pub(crate) struct Stop(pub StoreError);
 
 impl From<StoreError> for Stop {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound => Stop("the transaction changed under this pass".into()),
-            e => Stop(e.to_string()),
-        }
+        Stop(e)
     }
 }
 
@@ -177,11 +179,12 @@ impl<'a> Ctx<'a> {
             ..Default::default()
         };
         self.write(set).await?;
+        self.co.stats.status(new);
         self.g.status = new.to_string();
         if let Some(r) = reason.filter(|r| !r.is_empty()) {
             self.g.rollback_reason = r;
         }
-        tracing::info!(gid = %self.g.gid, trans_type = %self.g.trans_type, status = new, "status changed");
+        tracing::debug!(gid = %self.g.gid, trans_type = %self.g.trans_type, status = new, "status changed");
         Ok(())
     }
 
@@ -225,7 +228,7 @@ impl<'a> Ctx<'a> {
         self.g.next_cron_interval = interval;
         self.g.next_cron_time = Some(next);
         if s == Sched::Backoff {
-            self.maybe_alert(base, interval).await;
+            self.maybe_alert(base, interval, false).await;
         }
         Ok(())
     }
@@ -241,6 +244,10 @@ impl<'a> Ctx<'a> {
             }
             BranchOutcome::Failure(m) => {
                 self.touch(Sched::Backoff).await?;
+                // FAILURE where only SUCCESS can end the branch: report it at once
+                let base = self.base();
+                let interval = self.g.next_cron_interval;
+                self.maybe_alert(base, interval, true).await;
                 Ok(PassEnd::Failure(format!("url:{url} return failed: {m}")))
             }
             BranchOutcome::Error(m) => {
@@ -254,14 +261,18 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    async fn maybe_alert(&self, base: i64, interval: i64) {
+    /// POST the alert webhook when the retry count reached `AlertRetryLimit` (or always,
+    /// with `force`, for a FAILURE that cannot end the branch).
+    async fn maybe_alert(&self, base: i64, interval: i64, force: bool) {
         let hook = &self.co.settings.alert_webhook;
         if hook.is_empty() || base <= 0 {
             return;
         }
         let ratio = (interval / base).max(1);
         let retry_count = 63 - i64::from(ratio.leading_zeros());
-        if retry_count < self.co.settings.alert_retry_limit {
+        let limit = self.co.settings.alert_retry_limit;
+        // the backoff itself already alerted at or above the limit
+        if (force && retry_count >= limit) || (!force && retry_count < limit) {
             return;
         }
         let body = serde_json::json!({
@@ -289,6 +300,7 @@ pub(crate) async fn exec(co: &Coordinator, call: BranchCall) -> BranchOutcome {
         return BranchOutcome::Success;
     }
     let out = co.caller.call(&call).await;
+    co.stats.branch(&out);
     tracing::debug!(gid = %call.gid, branch_id = %call.branch_id, op = %call.op, url = %call.url, outcome = out.label(), "branch called");
     if let BranchOutcome::Failure(m) = &out
         && !(call.trans_type == trans_type::SAGA && call.op == dtm_proto::op::ACTION)
@@ -296,6 +308,9 @@ pub(crate) async fn exec(co: &Coordinator, call: BranchCall) -> BranchOutcome {
     {
         tracing::warn!(gid = %call.gid, branch_id = %call.branch_id, op = %call.op, url = %call.url,
             "branch answered FAILURE where only SUCCESS ends it; it is retried with backoff: {m}");
+        co.stats
+            .unexpected_failure
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     out
 }
@@ -327,9 +342,16 @@ pub(crate) async fn run_keep(
     };
     match res {
         Ok(end) => (end, Some(ctx.g)),
-        Err(Stop(why)) => {
-            tracing::info!(gid = %gid, "pass stopped: {why}");
-            (PassEnd::Error(why), None)
+        Err(Stop(StoreError::NotFound)) => {
+            tracing::info!(gid = %gid, "pass stopped: the transaction changed under it");
+            (PassEnd::Superseded, None)
+        }
+        Err(Stop(e)) => {
+            tracing::warn!(gid = %gid, "pass stopped: {e}");
+            (PassEnd::StoreDown(e.to_string()), None)
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

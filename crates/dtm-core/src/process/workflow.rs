@@ -28,6 +28,12 @@ pub(crate) async fn process(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
     }
     // the lease moves first: the callback may take as long as the workflow runs
     ctx.touch(Sched::Reset).await?;
+    // dtm wraps the input in a WorkflowData message for gRPC workflows, whatever the URL
+    let data = if ctx.g.protocol == dtm_proto::protocol::GRPC {
+        dtm_proto::pb::workflow_data(&data)
+    } else {
+        data
+    };
     let call = ctx.call(&url, data, "00", &name);
     match ctx.exec(call).await {
         BranchOutcome::Success | BranchOutcome::Ongoing(_) => Ok(PassEnd::Done),

@@ -1,0 +1,124 @@
+//! The small seam between the SQL shared by both servers ([`super::ops`]) and each
+//! driver: bind values, run a statement, decode rows into the stored records.
+
+use async_trait::async_trait;
+use chrono::{DateTime, SubsecRound, Utc};
+use dtm_core::store::Kv;
+use dtm_proto::{Branch, TransGlobal};
+
+pub(crate) type DbError = sqlx_core::Error;
+
+/// Which SQL dialect a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    MySql,
+}
+
+/// A bound value. Statements are written with `?` placeholders; the Postgres driver
+/// numbers them (`$1`, `$2`, ...).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Val<'a> {
+    Str(&'a str),
+    Int(i64),
+    Time(Option<DateTime<Utc>>),
+    Bytes(&'a [u8]),
+}
+
+/// A time as stored: millisecond precision, truncated (the columns are `(3)`, and
+/// truncating here keeps what is read back equal to what was written).
+pub(crate) fn time(t: DateTime<Utc>) -> Val<'static> {
+    Val::Time(Some(t.trunc_subsecs(3)))
+}
+
+pub(crate) fn opt_time(t: Option<DateTime<Utc>>) -> Val<'static> {
+    Val::Time(t.map(|t| t.trunc_subsecs(3)))
+}
+
+/// How the batch runner treats a database error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrClass {
+    /// A unique key was hit: the op fails with `UniqueConflict`, the batch goes on.
+    Unique,
+    /// Deadlock, serialization failure, lock wait timeout: run the whole batch again.
+    Retry,
+    /// The database refused this statement (bad data, ...): the op fails, the batch goes on.
+    Statement,
+    /// The connection or server failed: the whole batch fails.
+    Connection,
+}
+
+/// One connection, or one open transaction on it.
+#[async_trait]
+pub(crate) trait Exec: Send {
+    fn dialect(&self) -> Dialect;
+    /// Rows affected (MySQL counts matched rows: sqlx sets CLIENT_FOUND_ROWS).
+    async fn exec(&mut self, sql: &str, args: &[Val<'_>]) -> Result<u64, DbError>;
+    /// Rows of `GLOBAL_COLS`.
+    async fn globals(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<TransGlobal>, DbError>;
+    /// Rows of `BRANCH_COLS`.
+    async fn branches(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<Branch>, DbError>;
+    /// Rows of `KV_COLS`.
+    async fn kvs(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<Kv>, DbError>;
+    /// The first column of each row, as text.
+    async fn texts(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<String>, DbError>;
+    /// Commit when this is a transaction; nothing otherwise.
+    async fn commit(self: Box<Self>) -> Result<(), DbError>;
+    /// Roll back when this is a transaction; nothing otherwise.
+    async fn rollback(self: Box<Self>) -> Result<(), DbError>;
+}
+
+/// A driver: hands out connections and transactions, and classifies its errors.
+#[async_trait]
+pub(crate) trait Engine: Send + Sync + 'static {
+    fn dialect(&self) -> Dialect;
+    /// A pooled connection in autocommit mode.
+    async fn conn(&self) -> Result<Box<dyn Exec>, DbError>;
+    /// A pooled connection inside `BEGIN`.
+    async fn begin(&self) -> Result<Box<dyn Exec>, DbError>;
+    fn classify(&self, e: &DbError) -> ErrClass;
+    async fn close(&self);
+}
+
+/// Classification shared by both drivers for errors that are not from the server.
+pub(crate) fn classify_common(e: &DbError) -> Option<ErrClass> {
+    match e {
+        DbError::Database(_) => None,
+        DbError::Io(_)
+        | DbError::Tls(_)
+        | DbError::Protocol(_)
+        | DbError::PoolTimedOut
+        | DbError::PoolClosed
+        | DbError::WorkerCrashed
+        | DbError::Configuration(_) => Some(ErrClass::Connection),
+        _ => Some(ErrClass::Statement),
+    }
+}
+
+/// `?` placeholders to Postgres' `$n`. The statements of this module never have a `?`
+/// inside a literal.
+pub(crate) fn number_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_are_numbered() {
+        assert_eq!(
+            super::number_placeholders("a = ? AND b IN (?, ?)"),
+            "a = $1 AND b IN ($2, $3)"
+        );
+    }
+}

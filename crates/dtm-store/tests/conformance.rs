@@ -1,0 +1,725 @@
+//! One contract, every backend: the same checks of the `Store` semantics the engine relies
+//! on, run against SQLite always, and against Postgres / MySQL when `DTM_TEST_STORE`
+//! names them (each run in a fresh schema / database that is dropped afterwards).
+//! Connection values come from `STORE_HOST`, `STORE_PORT`, `STORE_USER`,
+//! `STORE_PASSWORD`, else the local defaults (Postgres 127.0.0.1:5432 postgres, MariaDB
+//! 127.0.0.1:3306 root).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, SubsecRound, Utc};
+use dtm_core::store::{
+    BranchUpdate, GlobalUpdate, ScanQuery, Store, StoreError, WriteOp, WriteOutcome,
+};
+use dtm_proto::{Branch, TransGlobal};
+use dtm_store::sql::{Dialect, SqlOptions, drop_namespace};
+
+type R = Result<(), Box<dyn std::error::Error>>;
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}
+
+fn global(gid: &str, status: &str, t: DateTime<Utc>) -> TransGlobal {
+    TransGlobal {
+        gid: gid.into(),
+        trans_type: "saga".into(),
+        status: status.into(),
+        protocol: "http".into(),
+        create_time: Some(t),
+        update_time: Some(t),
+        options: r#"{"concurrent":false}"#.into(),
+        custom_data: r#"{"orders":{}}"#.into(),
+        next_cron_interval: 10,
+        next_cron_time: Some(t + Duration::seconds(10)),
+        ..Default::default()
+    }
+}
+
+fn branch(gid: &str, id: &str, op: &str, t: DateTime<Utc>) -> Branch {
+    Branch {
+        gid: gid.into(),
+        url: format!("http://127.0.0.1:1/{op}"),
+        bin_data: vec![0, 1, 2, 255],
+        branch_id: id.into(),
+        op: op.into(),
+        status: "prepared".into(),
+        create_time: Some(t),
+        update_time: Some(t),
+        ..Default::default()
+    }
+}
+
+fn gid(tag: &str) -> String {
+    format!("{tag}-{}", dtm_core::new_gid())
+}
+
+async fn save(s: &dyn Store, g: TransGlobal, b: Vec<Branch>) -> Result<WriteOutcome, StoreError> {
+    s.write(WriteOp::SaveNew {
+        global: g,
+        branches: b,
+    })
+    .await
+}
+
+fn set_status(status: &str, t: DateTime<Utc>) -> GlobalUpdate {
+    GlobalUpdate {
+        status: Some(status.into()),
+        update_time: t,
+        ..Default::default()
+    }
+}
+
+async fn save_new_roundtrip_and_conflict(s: &dyn Store) -> R {
+    let t = now();
+    let g = gid("save");
+    let mut gl = global(&g, "prepared", t);
+    gl.query_prepared = "http://127.0.0.1:1/query".into();
+    gl.ext_data = "{}".into();
+    let bs = vec![
+        branch(&g, "01", "compensate", t),
+        branch(&g, "01", "action", t),
+    ];
+    assert_eq!(save(s, gl.clone(), bs.clone()).await?, WriteOutcome::Done);
+    let got = s.find_global(&g).await?.ok_or("saved global not found")?;
+    assert!(got.id > 0);
+    assert_eq!(
+        TransGlobal {
+            id: got.id,
+            ..gl.clone()
+        },
+        got
+    );
+    let gb = s.find_branches(&g).await?;
+    assert_eq!(gb.len(), 2);
+    for (want, got) in bs.iter().zip(&gb) {
+        assert_eq!(
+            Branch {
+                id: got.id,
+                ..want.clone()
+            },
+            *got
+        );
+    }
+    assert!(gb[0].id < gb[1].id, "insertion order");
+    // same gid again: conflict, and the stored one is untouched
+    let mut other = global(&g, "submitted", t);
+    other.trans_type = "msg".into();
+    assert_eq!(
+        save(s, other, vec![branch(&g, "09", "action", t)]).await,
+        Err(StoreError::UniqueConflict)
+    );
+    assert_eq!(s.find_global(&g).await?.ok_or("gone")?.status, "prepared");
+    assert_eq!(s.find_branches(&g).await?.len(), 2);
+    assert_eq!(s.find_global("no-such-gid").await?, None);
+    assert!(s.find_branches("no-such-gid").await?.is_empty());
+    Ok(())
+}
+
+async fn update_global_guards(s: &dyn Store) -> R {
+    let t = now();
+    let g = gid("upd");
+    save(
+        s,
+        global(&g, "submitted", t),
+        vec![branch(&g, "01", "action", t)],
+    )
+    .await?;
+    let upd = |status: &str, owner: Option<&str>, set: GlobalUpdate, b: Vec<BranchUpdate>| {
+        WriteOp::UpdateGlobal {
+            gid: g.clone(),
+            expect_status: status.into(),
+            expect_owner: owner.map(str::to_string),
+            set,
+            branches: b,
+        }
+    };
+    // wrong status: nothing changes, not even the branch
+    let bu = vec![BranchUpdate {
+        branch_id: "01".into(),
+        op: "action".into(),
+        status: "succeed".into(),
+        time: t,
+    }];
+    assert_eq!(
+        s.write(upd("prepared", None, set_status("aborting", t), bu.clone()))
+            .await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(s.find_branches(&g).await?[0].status, "prepared");
+    // claim it, then a wrong owner is refused
+    let claimed = claim(
+        s,
+        t + Duration::seconds(11),
+        "node-a",
+        Duration::seconds(30),
+    )
+    .await?;
+    assert!(claimed.iter().any(|c| c.gid == g));
+    assert_eq!(
+        s.write(upd(
+            "submitted",
+            Some("node-b"),
+            set_status("succeed", t),
+            vec![]
+        ))
+        .await,
+        Err(StoreError::NotFound)
+    );
+    // right status and owner: applied with the branch update, in one step
+    let t2 = t + Duration::milliseconds(1500);
+    let set = GlobalUpdate {
+        status: Some("succeed".into()),
+        finish_time: Some(t2),
+        result: Some("b2s=".into()),
+        next_cron_interval: Some(20),
+        next_cron_time: Some(t2 + Duration::seconds(20)),
+        update_time: t2,
+        ..Default::default()
+    };
+    assert_eq!(
+        s.write(upd("submitted", Some("node-a"), set, bu)).await?,
+        WriteOutcome::Done
+    );
+    let got = s.find_global(&g).await?.ok_or("gone")?;
+    assert_eq!(got.status, "succeed");
+    assert_eq!(got.finish_time, Some(t2));
+    assert_eq!(got.update_time, Some(t2));
+    assert_eq!(got.result, "b2s=");
+    assert_eq!(got.next_cron_interval, 20);
+    assert_eq!(got.next_cron_time, Some(t2 + Duration::seconds(20)));
+    assert_eq!(got.owner, "node-a");
+    let b = &s.find_branches(&g).await?[0];
+    assert_eq!((b.status.as_str(), b.finish_time), ("succeed", Some(t)));
+    // unknown gid
+    assert_eq!(
+        s.write(WriteOp::UpdateGlobal {
+            gid: "no-such-gid".into(),
+            expect_status: "submitted".into(),
+            expect_owner: None,
+            set: set_status("succeed", t),
+            branches: vec![],
+        })
+        .await,
+        Err(StoreError::NotFound)
+    );
+    Ok(())
+}
+
+async fn add_branches_guard(s: &dyn Store) -> R {
+    let t = now();
+    let g = gid("add");
+    save(s, global(&g, "prepared", t), vec![]).await?;
+    let add = |status: &str, b: Vec<Branch>| WriteOp::AddBranches {
+        gid: g.clone(),
+        expect_status: status.into(),
+        branches: b,
+    };
+    assert_eq!(
+        s.write(add("submitted", vec![branch(&g, "01", "confirm", t)]))
+            .await,
+        Err(StoreError::NotFound)
+    );
+    assert!(s.find_branches(&g).await?.is_empty());
+    s.write(add(
+        "prepared",
+        vec![
+            branch(&g, "01", "cancel", t),
+            branch(&g, "01", "confirm", t),
+        ],
+    ))
+    .await?;
+    // a duplicate (branch_id, op) fails the whole op: the new "02" is not added either
+    assert_eq!(
+        s.write(add(
+            "prepared",
+            vec![
+                branch(&g, "02", "cancel", t),
+                branch(&g, "01", "confirm", t)
+            ]
+        ))
+        .await,
+        Err(StoreError::UniqueConflict)
+    );
+    let ops: Vec<String> = s
+        .find_branches(&g)
+        .await?
+        .iter()
+        .map(|b| format!("{}/{}", b.branch_id, b.op))
+        .collect();
+    assert_eq!(ops, ["01/cancel", "01/confirm"]);
+    assert_eq!(
+        s.write(WriteOp::AddBranches {
+            gid: "no-such-gid".into(),
+            expect_status: "prepared".into(),
+            branches: vec![],
+        })
+        .await,
+        Err(StoreError::NotFound)
+    );
+    Ok(())
+}
+
+async fn claim(
+    s: &dyn Store,
+    at: DateTime<Utc>,
+    owner: &str,
+    lease: Duration,
+) -> Result<Vec<TransGlobal>, StoreError> {
+    match s
+        .write(WriteOp::ClaimDue {
+            now: at,
+            limit: 1000,
+            lease_until: at + lease,
+            owner: owner.into(),
+        })
+        .await?
+    {
+        WriteOutcome::Claimed(v) => Ok(v),
+        other => panic!("ClaimDue answered {other:?}"),
+    }
+}
+
+async fn claim_due_leases(s: &dyn Store) -> R {
+    // far in the future, so that the other checks' rows (due within minutes) are due too
+    // but these are told apart by gid
+    let t = now() + Duration::days(3650);
+    let mk = |tag: &str, status: &str, due: DateTime<Utc>| {
+        let g = gid(tag);
+        let mut gl = global(&g, status, t);
+        gl.next_cron_time = Some(due);
+        (g, gl)
+    };
+    let (due1, g1) = mk("due1", "submitted", t - Duration::seconds(5));
+    let (due2, g2) = mk("due2", "aborting", t - Duration::seconds(1));
+    let (due3, g3) = mk("due3", "prepared", t);
+    let (later, g4) = mk("later", "submitted", t + Duration::seconds(60));
+    let (done1, g5) = mk("done1", "succeed", t - Duration::seconds(5));
+    let (done2, g6) = mk("done2", "failed", t - Duration::seconds(5));
+    for g in [g1, g2, g3, g4, g5, g6] {
+        save(s, g, vec![]).await?;
+    }
+    let mine = |v: &[TransGlobal]| {
+        let mut gids: Vec<String> = v
+            .iter()
+            .filter(|g| [&due1, &due2, &due3, &later, &done1, &done2].contains(&&g.gid))
+            .map(|g| g.gid.clone())
+            .collect();
+        gids.sort();
+        gids
+    };
+    let mut want = vec![due1.clone(), due2.clone(), due3.clone()];
+    want.sort();
+    let lease = Duration::seconds(30);
+    let first = claim(s, t, "node-a", lease).await?;
+    assert_eq!(mine(&first), want, "due and unfinished, <= now");
+    for g in first.iter().filter(|g| want.contains(&g.gid)) {
+        assert_eq!(g.owner, "node-a");
+        assert_eq!(g.next_cron_time, Some(t + lease));
+        let stored = s.find_global(&g.gid).await?.ok_or("gone")?;
+        assert_eq!(stored.owner, "node-a");
+        assert_eq!(stored.next_cron_time, Some(t + lease));
+    }
+    // leased: nobody gets them again before the lease ends
+    assert!(mine(&claim(s, t + Duration::seconds(29), "node-b", lease).await?).is_empty());
+    // lease over: claimable again (with `later`, now due too), finished ones never
+    let again = claim(s, t + Duration::seconds(61), "node-b", lease).await?;
+    let mut want2 = vec![due1.clone(), due2.clone(), due3.clone(), later.clone()];
+    want2.sort();
+    assert_eq!(mine(&again), want2);
+    assert!(mine(&claim(s, t + Duration::days(1000), "node-c", lease).await?).len() == 4);
+    // limit
+    let many = s
+        .write(WriteOp::ClaimDue {
+            now: t + Duration::days(2000),
+            limit: 2,
+            lease_until: t + Duration::days(2001),
+            owner: "node-d".into(),
+        })
+        .await?;
+    match many {
+        WriteOutcome::Claimed(v) => assert_eq!(v.len(), 2),
+        other => panic!("{other:?}"),
+    }
+    Ok(())
+}
+
+async fn reset_cron_time_counts(s: &dyn Store) -> R {
+    let t = now();
+    // far beyond every other check's rows
+    let far = t + Duration::days(100_000);
+    let mut gids = vec![];
+    for i in 0..3 {
+        let g = gid(&format!("far{i}"));
+        let mut gl = global(&g, "submitted", t);
+        gl.next_cron_time = Some(far);
+        save(s, gl, vec![]).await?;
+        gids.push(g);
+    }
+    let g = gid("far-done");
+    let mut gl = global(&g, "succeed", t);
+    gl.next_cron_time = Some(far);
+    save(s, gl, vec![]).await?;
+    let after = far - Duration::days(1);
+    let reset = |limit| WriteOp::ResetCronTime {
+        after,
+        now: t,
+        limit,
+    };
+    assert_eq!(
+        s.write(reset(2)).await?,
+        WriteOutcome::Reset {
+            count: 2,
+            has_remaining: true
+        }
+    );
+    assert_eq!(
+        s.write(reset(2)).await?,
+        WriteOutcome::Reset {
+            count: 1,
+            has_remaining: false
+        }
+    );
+    for g in &gids {
+        assert_eq!(
+            s.find_global(g).await?.ok_or("gone")?.next_cron_time,
+            Some(t)
+        );
+    }
+    assert_eq!(
+        s.find_global(&g).await?.ok_or("gone")?.next_cron_time,
+        Some(far),
+        "finished ones stay"
+    );
+    // one gid
+    let t2 = t + Duration::milliseconds(7);
+    s.write(WriteOp::ResetNextCronTime {
+        gid: g.clone(),
+        now: t2,
+    })
+    .await?;
+    assert_eq!(
+        s.find_global(&g).await?.ok_or("gone")?.next_cron_time,
+        Some(t2)
+    );
+    assert_eq!(
+        s.write(WriteOp::ResetNextCronTime {
+            gid: "no-such-gid".into(),
+            now: t2
+        })
+        .await,
+        Err(StoreError::NotFound)
+    );
+    Ok(())
+}
+
+async fn kv_versions(s: &dyn Store) -> R {
+    let t = now();
+    let cat = format!("cat{}", &dtm_core::new_gid()[..8]);
+    let create = |k: &str, v: &str| WriteOp::CreateKv {
+        cat: cat.clone(),
+        k: k.into(),
+        v: v.into(),
+        now: t,
+    };
+    s.write(create("a", "[1]")).await?;
+    assert_eq!(
+        s.write(create("a", "[2]")).await,
+        Err(StoreError::UniqueConflict)
+    );
+    let a = s.find_kv(&cat, Some("a")).await?;
+    assert_eq!(a.len(), 1);
+    assert_eq!((a[0].v.as_str(), a[0].version), ("[1]", 1));
+    assert_eq!(a[0].create_time, Some(t));
+    let update = |version| WriteOp::UpdateKv {
+        cat: cat.clone(),
+        k: "a".into(),
+        v: format!("[v{version}]"),
+        version,
+        now: t,
+    };
+    assert_eq!(s.write(update(7)).await, Err(StoreError::NotFound));
+    s.write(update(1)).await?;
+    assert_eq!(s.write(update(1)).await, Err(StoreError::NotFound));
+    let a = s.find_kv(&cat, Some("a")).await?;
+    assert_eq!((a[0].v.as_str(), a[0].version), ("[v1]", 2));
+    s.write(create("b", "[]")).await?;
+    s.write(create("c", "[]")).await?;
+    assert_eq!(s.find_kv(&cat, None).await?.len(), 3);
+    let (page, next) = s.scan_kv(&cat, "", 2).await?;
+    assert_eq!(
+        page.iter().map(|k| k.k.as_str()).collect::<Vec<_>>(),
+        ["c", "b"]
+    );
+    assert!(!next.is_empty());
+    let (page, next) = s.scan_kv(&cat, &next, 2).await?;
+    assert_eq!(page.iter().map(|k| k.k.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(next, "");
+    let del = |k: &str| WriteOp::DeleteKv {
+        cat: cat.clone(),
+        k: k.into(),
+    };
+    s.write(del("b")).await?;
+    assert_eq!(s.write(del("b")).await, Err(StoreError::NotFound));
+    assert_eq!(s.find_kv(&cat, None).await?.len(), 2);
+    Ok(())
+}
+
+async fn scan_pages_and_filters(s: &dyn Store) -> R {
+    let t = now() - Duration::days(20_000);
+    let tt = format!("tt{}", &dtm_core::new_gid()[..6]);
+    let mut gids = vec![];
+    for i in 0..5 {
+        let g = gid(&format!("scan{i}"));
+        let mut gl = global(&g, if i % 2 == 0 { "succeed" } else { "failed" }, t);
+        gl.trans_type = tt.clone();
+        gl.create_time = Some(t + Duration::seconds(i));
+        save(s, gl, vec![]).await?;
+        gids.push(g);
+    }
+    let q = |position: &str, limit, status: &str| ScanQuery {
+        position: position.into(),
+        limit,
+        status: status.into(),
+        trans_type: tt.clone(),
+        create_time_start: None,
+        create_time_end: None,
+    };
+    let (p1, n1) = s.scan_globals(&q("", 2, "")).await?;
+    assert_eq!(
+        p1.iter().map(|g| g.gid.clone()).collect::<Vec<_>>(),
+        [gids[4].clone(), gids[3].clone()]
+    );
+    let (p2, n2) = s.scan_globals(&q(&n1, 2, "")).await?;
+    assert_eq!(p2.len(), 2);
+    assert_ne!(n1, n2);
+    let (p3, n3) = s.scan_globals(&q(&n2, 2, "")).await?;
+    assert_eq!((p3.len(), n3.as_str()), (1, ""));
+    let (f, _) = s.scan_globals(&q("", 10, "failed")).await?;
+    assert_eq!(f.len(), 2);
+    let mut q2 = q("", 10, "");
+    q2.create_time_start = Some(t + Duration::seconds(1));
+    q2.create_time_end = Some(t + Duration::seconds(3));
+    assert_eq!(s.scan_globals(&q2).await?.0.len(), 3);
+    Ok(())
+}
+
+/// Many writers at once share commits; each gets its own result.
+async fn concurrent_writes_get_their_own_results(s: Arc<dyn Store>) -> R {
+    let t = now();
+    let dup = gid("dup");
+    save(&*s, global(&dup, "prepared", t), vec![]).await?;
+    let mut tasks = vec![];
+    for i in 0..120 {
+        let s = Arc::clone(&s);
+        let dup = dup.clone();
+        tasks.push(tokio::spawn(async move {
+            match i % 4 {
+                0 => {
+                    let r = save(&*s, global(&dup, "submitted", t), vec![]).await;
+                    (i, r, StoreErrorOr::Err(StoreError::UniqueConflict))
+                }
+                1 => {
+                    let r = s
+                        .write(WriteOp::UpdateGlobal {
+                            gid: dup.clone(),
+                            expect_status: "aborting".into(),
+                            expect_owner: None,
+                            set: set_status("failed", t),
+                            branches: vec![],
+                        })
+                        .await;
+                    (i, r, StoreErrorOr::Err(StoreError::NotFound))
+                }
+                _ => {
+                    let g = gid(&format!("conc{i}"));
+                    let r = save(
+                        &*s,
+                        global(&g, "submitted", t),
+                        vec![branch(&g, "01", "action", t)],
+                    )
+                    .await;
+                    (i, r, StoreErrorOr::Ok)
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let (i, r, want) = task.await?;
+        match want {
+            StoreErrorOr::Ok => assert_eq!(r, Ok(WriteOutcome::Done), "op {i}"),
+            StoreErrorOr::Err(e) => assert_eq!(r, Err(e), "op {i}"),
+        }
+    }
+    assert_eq!(s.find_global(&dup).await?.ok_or("gone")?.status, "prepared");
+    Ok(())
+}
+
+enum StoreErrorOr {
+    Ok,
+    Err(StoreError),
+}
+
+/// A value the database refuses (a gid longer than dtm's varchar(128)) fails its own
+/// write only; the writes committed with it stand.
+async fn refused_value_fails_only_its_op(s: Arc<dyn Store>) -> R {
+    let t = now();
+    let long = "x".repeat(300);
+    let mut tasks = vec![];
+    for i in 0..40 {
+        let s = Arc::clone(&s);
+        let g = if i == 20 {
+            long.clone()
+        } else {
+            gid(&format!("ref{i}"))
+        };
+        tasks.push(tokio::spawn(async move {
+            let r = save(&*s, global(&g, "submitted", t), vec![]).await;
+            (g, r)
+        }));
+    }
+    for task in tasks {
+        let (g, r) = task.await?;
+        if g.len() == 300 {
+            match r {
+                Err(StoreError::Unavailable(m)) => assert!(m.contains("refused"), "{m}"),
+                other => panic!("a 300-character gid was {other:?}"),
+            }
+        } else {
+            assert_eq!(r, Ok(WriteOutcome::Done), "{g}");
+            assert!(s.find_global(&g).await?.is_some());
+        }
+    }
+    Ok(())
+}
+
+async fn purge_keeps_unfinished(s: &dyn Store) -> R {
+    let t = now();
+    let old = t - Duration::days(30);
+    let mk = |tag: &str, status: &str, at: DateTime<Utc>| {
+        let g = gid(tag);
+        let mut gl = global(&g, status, at);
+        gl.next_cron_time = Some(t + Duration::days(365));
+        (g.clone(), gl, vec![branch(&g, "01", "action", at)])
+    };
+    let rows = [
+        mk("old-succeed", "succeed", old),
+        mk("old-failed", "failed", old),
+        mk("old-prepared", "prepared", old),
+        mk("old-submitted", "submitted", old),
+        mk("new-succeed", "succeed", t),
+    ];
+    for (_, g, b) in &rows {
+        save(s, g.clone(), b.clone()).await?;
+    }
+    let mut total = 0;
+    loop {
+        let n = s.purge_finished(t - Duration::days(1), 1).await?;
+        total += n;
+        if n == 0 {
+            break;
+        }
+    }
+    assert!(total >= 2, "deleted {total}");
+    for (g, gl, _) in &rows {
+        let gone = gl.update_time == Some(old) && (gl.status == "succeed" || gl.status == "failed");
+        assert_eq!(s.find_global(g).await?.is_none(), gone, "{g}");
+        assert_eq!(s.find_branches(g).await?.is_empty(), gone, "{g}");
+    }
+    Ok(())
+}
+
+async fn conformance(s: Arc<dyn Store>, sql: bool) -> R {
+    s.ping().await?;
+    save_new_roundtrip_and_conflict(&*s).await?;
+    update_global_guards(&*s).await?;
+    add_branches_guard(&*s).await?;
+    claim_due_leases(&*s).await?;
+    reset_cron_time_counts(&*s).await?;
+    kv_versions(&*s).await?;
+    scan_pages_and_filters(&*s).await?;
+    concurrent_writes_get_their_own_results(Arc::clone(&s)).await?;
+    if sql {
+        refused_value_fails_only_its_op(Arc::clone(&s)).await?;
+    }
+    purge_keeps_unfinished(&*s).await?;
+    s.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sqlite_conformance() -> R {
+    let dir = tempfile::tempdir()?;
+    let s =
+        dtm_store::SqliteStore::open(&dir.path().join("c.sqlite"), dtm_store::SqliteSync::Full)?;
+    conformance(Arc::new(s), false).await
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+/// Options for a fresh namespace on the local server, or None when `DTM_TEST_STORE` does
+/// not name this backend.
+fn sql_options(d: Dialect, name: &str) -> Option<SqlOptions> {
+    if env("DTM_TEST_STORE").as_deref() != Some(name) {
+        eprintln!("skipped: DTM_TEST_STORE is not {name}");
+        return None;
+    }
+    let mut o = SqlOptions::new(d);
+    if let Some(h) = env("STORE_HOST") {
+        o.host = h;
+    }
+    if let Some(p) = env("STORE_PORT").and_then(|p| p.parse().ok()) {
+        o.port = p;
+    }
+    if let Some(u) = env("STORE_USER") {
+        o.user = u;
+    }
+    if let Some(p) = env("STORE_PASSWORD") {
+        o.password = p;
+    }
+    o.max_open_conns = 8;
+    // named like dtm-testkit's namespaces, whose sweep drops the ones a failed run left
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let ns = format!(
+        "dtm_t_{secs}_{}",
+        dtm_core::new_gid()
+            .to_ascii_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "")
+    );
+    match d {
+        Dialect::Postgres => {
+            o.db = "dtm_test".into();
+            o.schema = ns;
+        }
+        Dialect::MySql => o.db = ns,
+    }
+    Some(o)
+}
+
+async fn sql_conformance(o: SqlOptions) -> R {
+    let s = dtm_store::SqlStore::open(&o).await?;
+    let r = conformance(Arc::new(s), true).await;
+    drop_namespace(&o).await?;
+    r
+}
+
+#[tokio::test]
+async fn postgres_conformance() -> R {
+    match sql_options(Dialect::Postgres, "postgres") {
+        Some(o) => sql_conformance(o).await,
+        None => Ok(()),
+    }
+}
+
+#[tokio::test]
+async fn mysql_conformance() -> R {
+    match sql_options(Dialect::MySql, "mysql") {
+        Some(o) => sql_conformance(o).await,
+        None => Ok(()),
+    }
+}
