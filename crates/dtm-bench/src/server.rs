@@ -73,6 +73,23 @@ fn env_or(k: &str, d: &str) -> String {
         .unwrap_or_else(|| d.to_string())
 }
 
+/// The local servers' connection values, unless the environment gives them: postgres
+/// 127.0.0.1:5432 user postgres, mysql/MariaDB 127.0.0.1:3306 user root.
+fn push_sql_defaults(env: &mut Vec<(String, String)>, store: &str) {
+    let (port, user) = if store == "postgres" {
+        ("5432", "postgres")
+    } else {
+        ("3306", "root")
+    };
+    for (k, d) in [
+        ("STORE_HOST", "127.0.0.1"),
+        ("STORE_PORT", port),
+        ("STORE_USER", user),
+    ] {
+        env.push((k.to_string(), env_or(k, d)));
+    }
+}
+
 /// Create a database for this run with the store's command-line client.
 fn create_sql_db(store: &str, db: &str) -> anyhow::Result<()> {
     let out = match store {
@@ -223,6 +240,7 @@ impl ServerUnderTest {
                 env.push(("STORE_SYNCHRONOUS".into(), l.sync.clone()));
             }
             "postgres" | "mysql" if l.fresh_db => {
+                push_sql_defaults(&mut env, &l.store);
                 let db = format!("dtm_bench_{}", l.run_id.replace('-', "_"));
                 match create_sql_db(&l.store, &db) {
                     Ok(()) => {
@@ -237,6 +255,7 @@ impl ServerUnderTest {
                     ),
                 }
             }
+            "postgres" | "mysql" => push_sql_defaults(&mut env, &l.store),
             "redis" if l.fresh_db => {
                 env.push((
                     "STORE_REDIS_PREFIX".into(),
