@@ -439,8 +439,11 @@ impl Coordinator {
         };
         let gid = global.gid.clone();
         if wait {
-            let end = self.process_loaded(global, branches).await;
-            self.wait_result_answer(&gid, end).await
+            let (end, after) = match self.enter(&gid) {
+                Some(_guard) => process::run_keep(self, global, branches).await,
+                None => (PassEnd::Busy, None),
+            };
+            self.wait_result_answer(&gid, end, after).await
         } else {
             let me = Arc::clone(self);
             tokio::spawn(async move {
@@ -451,7 +454,13 @@ impl Coordinator {
     }
 
     /// dtm's wait_result rule: report the mode's error, else FAILURE unless `succeed`.
-    async fn wait_result_answer(&self, gid: &str, end: PassEnd) -> Result<(), ApiError> {
+    /// `after` is the global as the pass left it; without it the store is asked.
+    async fn wait_result_answer(
+        &self,
+        gid: &str,
+        end: PassEnd,
+        after: Option<TransGlobal>,
+    ) -> Result<(), ApiError> {
         match end {
             PassEnd::Ongoing(m) => return Err(ApiError::Ongoing(format!("ONGOING: {m}"))),
             PassEnd::Failure(m) => return Err(ApiError::failure(m)),
@@ -459,7 +468,12 @@ impl Coordinator {
             PassEnd::StoreDown(m) => return Err(StoreError::Unavailable(m).into()),
             PassEnd::Done | PassEnd::Busy | PassEnd::Superseded => {}
         }
-        let g = self.must_find(gid).await?;
+        // a pass that ended Done wrote every status it holds; re-reading costs a store
+        // round trip per saga (bench/README.md)
+        let g = match (end, after) {
+            (PassEnd::Done, Some(g)) => g,
+            _ => self.must_find(gid).await?,
+        };
         if g.status == status::SUCCEED {
             Ok(())
         } else if !g.rollback_reason.is_empty() {

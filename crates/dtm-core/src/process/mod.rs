@@ -350,6 +350,17 @@ pub(crate) async fn exec(co: &Coordinator, call: BranchCall) -> BranchOutcome {
 
 /// Run one pass for any mode.
 pub(crate) async fn run(co: &Coordinator, g: TransGlobal, branches: Vec<Branch>) -> PassEnd {
+    run_keep(co, g, branches).await.0
+}
+
+/// Run one pass; also give back the global as this pass left it in the store (every
+/// status it holds was written before the pass ended), or None when the pass stopped
+/// because the transaction changed under it or the store failed.
+pub(crate) async fn run_keep(
+    co: &Coordinator,
+    g: TransGlobal,
+    branches: Vec<Branch>,
+) -> (PassEnd, Option<TransGlobal>) {
     let gid = g.gid.clone();
     let mut ctx = Ctx::new(co, g, branches);
     let res = match ctx.keep_lease().await {
@@ -374,14 +385,14 @@ async fn dispatch(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
 
 fn finish(gid: &str, res: Result<PassEnd, Stop>) -> PassEnd {
     match res {
-        Ok(end) => end,
+        Ok(end) => (end, Some(ctx.g)),
         Err(Stop(StoreError::NotFound)) => {
             tracing::info!(gid = %gid, "pass stopped: the transaction changed under it");
-            PassEnd::Superseded
+            (PassEnd::Superseded, None)
         }
         Err(Stop(e)) => {
             tracing::warn!(gid = %gid, "pass stopped: {e}");
-            PassEnd::StoreDown(e.to_string())
+            (PassEnd::StoreDown(e.to_string()), None)
         }
     }
 }
