@@ -367,7 +367,12 @@ pub(crate) async fn run_keep(
         Err(e) => Err(e),
         Ok(()) => dispatch(&mut ctx).await,
     };
-    finish(&gid, res)
+    let end = finish(&gid, res);
+    let left = match end {
+        PassEnd::Superseded | PassEnd::StoreDown(_) => None,
+        _ => Some(ctx.g),
+    };
+    (end, left)
 }
 
 async fn dispatch(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
@@ -385,14 +390,14 @@ async fn dispatch(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
 
 fn finish(gid: &str, res: Result<PassEnd, Stop>) -> PassEnd {
     match res {
-        Ok(end) => (end, Some(ctx.g)),
+        Ok(end) => end,
         Err(Stop(StoreError::NotFound)) => {
             tracing::info!(gid = %gid, "pass stopped: the transaction changed under it");
-            (PassEnd::Superseded, None)
+            PassEnd::Superseded
         }
         Err(Stop(e)) => {
             tracing::warn!(gid = %gid, "pass stopped: {e}");
-            (PassEnd::StoreDown(e.to_string()), None)
+            PassEnd::StoreDown(e.to_string())
         }
     }
 }
