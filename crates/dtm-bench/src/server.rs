@@ -90,6 +90,13 @@ fn push_sql_defaults(env: &mut Vec<(String, String)>, store: &str) {
     }
 }
 
+/// The local Redis (127.0.0.1:6379) unless the environment names another.
+fn push_redis_defaults(env: &mut Vec<(String, String)>) {
+    for (k, d) in [("STORE_HOST", "127.0.0.1"), ("STORE_PORT", "6379")] {
+        env.push((k.to_string(), env_or(k, d)));
+    }
+}
+
 /// Create a database for this run with the store's command-line client.
 fn create_sql_db(store: &str, db: &str) -> anyhow::Result<()> {
     let out = match store {
@@ -257,11 +264,13 @@ impl ServerUnderTest {
             }
             "postgres" | "mysql" => push_sql_defaults(&mut env, &l.store),
             "redis" if l.fresh_db => {
+                push_redis_defaults(&mut env);
                 env.push((
                     "STORE_REDIS_PREFIX".into(),
                     format!("{{dtmbench-{}}}", l.run_id),
                 ));
             }
+            "redis" => push_redis_defaults(&mut env),
             _ => {}
         }
         env.extend(l.env.iter().cloned());
