@@ -324,7 +324,12 @@ impl ServerUnderTest {
             let Cleanup::Sql { store, db } = c;
             drop_sql_db(store, db);
         }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("the server did not start")))
+        let err = last_err.unwrap_or_else(|| anyhow::anyhow!("the server did not start"));
+        if !l.keep {
+            // the log tail is already in the error
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Err(err)
     }
 
     /// A server that is already running at `url` (e.g. `http://127.0.0.1:36789`).
