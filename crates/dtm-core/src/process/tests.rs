@@ -168,6 +168,8 @@ struct Case {
     want_status: &'static str,
     want_branches: &'static str,
     want_calls: Vec<&'static str>,
+    /// Lease owner stored with the global; `None`: this node.
+    owner: Option<&'static str>,
 }
 
 fn saga_rows() -> Vec<(&'static str, &'static str, &'static str)> {
@@ -192,6 +194,7 @@ fn case(name: &'static str) -> Case {
         want_status: "",
         want_branches: "",
         want_calls: vec![],
+        owner: None,
     }
 }
 
@@ -215,7 +218,10 @@ async fn run_case(c: Case) -> (String, String, Vec<String>, TransGlobal, PassEnd
         options: c.opts.to_json(),
         custom_data: c.custom.into(),
         next_cron_interval: 10,
-        owner: co.node.clone(),
+        owner: c
+            .owner
+            .map(str::to_string)
+            .unwrap_or_else(|| co.node.clone()),
         ..Default::default()
     };
     let branches: Vec<Branch> = c
@@ -469,45 +475,18 @@ async fn schedule_after_a_pass() {
 
 #[tokio::test]
 async fn a_pass_stops_when_another_node_took_the_lease() {
-    let store = Arc::new(MemStore::default());
-    let script = Arc::new(Script::default());
-    let co = Coordinator::new(store.clone(), script.clone(), Settings::default());
-    let g = TransGlobal {
-        gid: "g".into(),
-        trans_type: "saga".into(),
-        status: status::SUBMITTED.into(),
-        options: TransOptions::default().to_json(),
-        create_time: Some(Utc::now()),
-        owner: "another-node".into(),
-        ..Default::default()
-    };
-    let rows: Vec<Branch> = saga_rows()
-        .iter()
-        .map(|(id, op, url)| Branch {
-            gid: "g".into(),
-            branch_id: id.to_string(),
-            op: op.to_string(),
-            url: url.to_string(),
-            status: status::PREPARED.into(),
-            ..Default::default()
-        })
-        .collect();
-    let _ = store
-        .write(WriteOp::SaveNew {
-            global: g.clone(),
-            branches: rows.clone(),
-        })
-        .await;
-    let end = super::run(&co, g, rows).await;
+    let (st, _, calls, _, end) = run_case(Case {
+        owner: Some("another-node"),
+        ..case("lease held by another node")
+    })
+    .await;
     assert_eq!(end, PassEnd::Superseded);
-    let stored = store
-        .find_global("g")
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default();
     assert_eq!(
-        stored.status, "submitted",
+        st, "submitted",
         "the write of a node without the lease must fail"
+    );
+    assert!(
+        calls.is_empty(),
+        "no branch is called without the lease: {calls:?}"
     );
 }
