@@ -1,7 +1,7 @@
 //! The service API shared by every adapter (HTTP, gRPC, JSON-RPC): prepare, submit, abort,
 //! registerBranch, query and the admin calls. Mode logic lives in `process`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
@@ -9,7 +9,6 @@ use dtm_proto::{
     Branch, RegisterBranchRequest, TransGlobal, TransRequest, op, protocol, status, trans_type,
 };
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::caller::BranchCaller;
 use crate::error::ApiError;
@@ -1061,9 +1060,4 @@ pub struct Subscriber {
     pub url: String,
     #[serde(default)]
     pub remark: String,
-}
-
-/// Helper for the adapters: a JSON value from `BTreeMap` of strings.
-pub fn string_map_json(m: &BTreeMap<String, String>) -> Value {
-    serde_json::to_value(m).unwrap_or(Value::Null)
 }
