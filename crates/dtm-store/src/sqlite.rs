@@ -272,6 +272,12 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
 }
 
+/// Run a parameterless statement through the statement cache (the savepoint statements
+/// run for every op; `execute_batch` would parse them again each time).
+fn exec_cached(c: &Connection, sql: &str) -> rusqlite::Result<()> {
+    c.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 fn apply_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<WriteOutcome, StoreError>> {
     let fail_all = |e: StoreError| batch.iter().map(|_| Err(e.clone())).collect();
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
@@ -280,19 +286,19 @@ fn apply_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<WriteOutcome,
     };
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        let r = match tx.execute_batch("SAVEPOINT op") {
+        let r = match exec_cached(&tx, "SAVEPOINT op") {
             Err(e) => Err(db_err(e)),
             Ok(()) => {
                 let r = match &job.op {
                     Work::Op(op) => apply_one(&tx, op),
                     Work::Purge { before, limit } => purge(&tx, *before, *limit),
                 };
-                let end = if r.is_err() {
-                    "ROLLBACK TO op; RELEASE op"
+                let undo = if r.is_err() {
+                    exec_cached(&tx, "ROLLBACK TO op")
                 } else {
-                    "RELEASE op"
+                    Ok(())
                 };
-                match tx.execute_batch(end) {
+                match undo.and_then(|()| exec_cached(&tx, "RELEASE op")) {
                     Ok(()) => r,
                     Err(e) => Err(db_err(e)),
                 }
