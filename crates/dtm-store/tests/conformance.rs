@@ -559,6 +559,324 @@ async fn concurrent_writes_get_their_own_results(s: Arc<dyn Store>) -> R {
     Ok(())
 }
 
+/// Issue `ops` at once, in this order (they queue together, so a batching backend takes
+/// them into one batch); their results in the same order.
+async fn together(
+    s: &Arc<dyn Store>,
+    ops: Vec<WriteOp>,
+) -> Result<Vec<Result<WriteOutcome, StoreError>>, tokio::task::JoinError> {
+    let tasks: Vec<_> = ops
+        .into_iter()
+        .map(|op| {
+            let s = Arc::clone(s);
+            tokio::spawn(async move { s.write(op).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await?);
+    }
+    Ok(out)
+}
+
+fn saga_branches(g: &str, t: DateTime<Utc>) -> Vec<Branch> {
+    let mut bs = vec![];
+    for id in ["01", "02"] {
+        for op in ["compensate", "action"] {
+            let mut b = branch(g, id, op, t);
+            b.bin_data = format!("{g}/{id}/{op}").into_bytes();
+            bs.push(b);
+        }
+    }
+    bs
+}
+
+/// Many inserts in one batch: one gid exists already and one comes twice; those two fail
+/// alone (the first of the twice-written gid wins), every other insert is stored whole,
+/// branches in order.
+async fn saves_in_one_batch(s: Arc<dyn Store>) -> R {
+    let t = now();
+    let old = gid("bold");
+    save(
+        &*s,
+        global(&old, "prepared", t),
+        vec![branch(&old, "01", "action", t)],
+    )
+    .await?;
+    let twice = gid("btwice");
+    let (mut ops, mut want, mut stored) = (vec![], vec![], vec![]);
+    for i in 0..40 {
+        let g = match i {
+            13 => old.clone(),
+            7 | 29 => twice.clone(),
+            _ => gid(&format!("bs{i}")),
+        };
+        let mut gl = global(&g, "submitted", t);
+        gl.custom_data = format!(r#"{{"i":{i}}}"#);
+        gl.next_cron_time = Some(t + Duration::milliseconds(i));
+        let bs = saga_branches(&g, t);
+        ops.push(WriteOp::SaveNew {
+            global: gl.clone(),
+            branches: bs.clone(),
+        });
+        if i == 13 || i == 29 {
+            want.push(Err(StoreError::UniqueConflict));
+        } else {
+            want.push(Ok(WriteOutcome::Done));
+            stored.push((gl, bs));
+        }
+    }
+    assert_eq!(together(&s, ops).await?, want);
+    for (gl, bs) in stored {
+        let got = s
+            .find_global(&gl.gid)
+            .await?
+            .ok_or("saved global not found")?;
+        assert_eq!(TransGlobal { id: got.id, ..gl }, got);
+        let gb = s.find_branches(&got.gid).await?;
+        let gb: Vec<Branch> = gb.into_iter().map(|b| Branch { id: 0, ..b }).collect();
+        assert_eq!(gb, bs, "branches of {}", got.gid);
+    }
+    let o = s.find_global(&old).await?.ok_or("gone")?;
+    assert_eq!(o.status, "prepared");
+    assert_eq!(s.find_branches(&old).await?.len(), 1);
+    Ok(())
+}
+
+/// An insert and the updates of the same transaction issued together apply in order, each
+/// with its own guard; updates of other transactions and other kinds of writes in between
+/// do not disturb them.
+async fn save_and_updates_of_one_gid_in_one_batch(s: Arc<dyn Store>) -> R {
+    let t = now();
+    let (t1, t2, t3) = (
+        t + Duration::milliseconds(100),
+        t + Duration::milliseconds(200),
+        t + Duration::milliseconds(300),
+    );
+    let g = gid("sup");
+    let h = gid("suh");
+    let upd = |g: &str,
+               status: &str,
+               owner: Option<&str>,
+               set: GlobalUpdate,
+               b: &[(&str, &str, DateTime<Utc>)]| {
+        WriteOp::UpdateGlobal {
+            gid: g.into(),
+            expect_status: status.into(),
+            expect_owner: owner.map(str::to_string),
+            set,
+            branches: b
+                .iter()
+                .map(|(id, st, at)| BranchUpdate {
+                    branch_id: (*id).into(),
+                    op: "action".into(),
+                    status: (*st).into(),
+                    time: *at,
+                })
+                .collect(),
+        }
+    };
+    let mut submit = set_status("submitted", t1);
+    submit.owner = Some("n1".into());
+    submit.next_cron_time = Some(t1 + Duration::seconds(5));
+    let mut finish = set_status("succeed", t3);
+    finish.finish_time = Some(t3);
+    finish.result = Some("done".into());
+    let kv = gid("kv");
+    let ops = vec![
+        WriteOp::SaveNew {
+            global: global(&g, "prepared", t),
+            branches: saga_branches(&g, t),
+        },
+        WriteOp::SaveNew {
+            global: global(&h, "prepared", t),
+            branches: vec![],
+        },
+        upd(&g, "prepared", None, submit, &[("01", "succeed", t1)]),
+        WriteOp::CreateKv {
+            cat: "batch".into(),
+            k: kv.clone(),
+            v: "1".into(),
+            now: t,
+        },
+        upd(&h, "prepared", None, set_status("aborting", t1), &[]),
+        // wrong owner
+        upd(
+            &g,
+            "submitted",
+            Some("n2"),
+            set_status("failed", t2),
+            &[("02", "failed", t2)],
+        ),
+        WriteOp::ResetNextCronTime {
+            gid: h.clone(),
+            now: t2,
+        },
+        // two updates of one branch in one write: the last one stands
+        upd(
+            &g,
+            "submitted",
+            Some("n1"),
+            finish,
+            &[("02", "failed", t2), ("02", "succeed", t3)],
+        ),
+        // the status has moved on
+        upd(&g, "prepared", None, set_status("failed", t3), &[]),
+        upd(&h, "aborting", None, set_status("failed", t3), &[]),
+        upd(&h, "aborting", None, set_status("succeed", t3), &[]),
+    ];
+    let got = together(&s, ops).await?;
+    use StoreError::NotFound;
+    let done = Ok(WriteOutcome::Done);
+    assert_eq!(
+        got,
+        vec![
+            done.clone(),
+            done.clone(),
+            done.clone(),
+            done.clone(),
+            done.clone(),
+            Err(NotFound),
+            done.clone(),
+            done.clone(),
+            Err(NotFound),
+            done.clone(),
+            Err(NotFound),
+        ]
+    );
+    let gg = s.find_global(&g).await?.ok_or("gone")?;
+    assert_eq!(
+        (gg.status.as_str(), gg.owner.as_str(), gg.result.as_str()),
+        ("succeed", "n1", "done")
+    );
+    assert_eq!(
+        (gg.finish_time, gg.update_time, gg.next_cron_time),
+        (Some(t3), Some(t3), Some(t1 + Duration::seconds(5)))
+    );
+    let st: Vec<(String, String, Option<DateTime<Utc>>)> = s
+        .find_branches(&g)
+        .await?
+        .into_iter()
+        .map(|b| (format!("{}/{}", b.branch_id, b.op), b.status, b.finish_time))
+        .collect();
+    let row = |k: &str, s: &str, f: Option<DateTime<Utc>>| (k.to_string(), s.to_string(), f);
+    assert_eq!(
+        st,
+        vec![
+            row("01/compensate", "prepared", None),
+            row("01/action", "succeed", Some(t1)),
+            row("02/compensate", "prepared", None),
+            row("02/action", "succeed", Some(t3)),
+        ]
+    );
+    let hh = s.find_global(&h).await?.ok_or("gone")?;
+    assert_eq!((hh.status.as_str(), hh.update_time), ("failed", Some(t3)));
+    assert_eq!(hh.next_cron_time, Some(t2));
+    assert_eq!(s.find_kv("batch", Some(&kv)).await?.len(), 1);
+    Ok(())
+}
+
+/// Updates of many transactions in one batch, each changing other columns, each checked by
+/// its own guard: those whose guard fails change nothing (not their branches either).
+async fn updates_in_one_batch(s: Arc<dyn Store>) -> R {
+    let t = now();
+    let t2 = t + Duration::milliseconds(1234);
+    let gids: Vec<String> = (0..30).map(|i| gid(&format!("bu{i}"))).collect();
+    let mut before = vec![];
+    for g in &gids {
+        save(&*s, global(g, "submitted", t), saga_branches(g, t)).await?;
+        before.push(s.find_global(g).await?.ok_or("gone")?);
+    }
+    let bu = |id: &str, st: &str| BranchUpdate {
+        branch_id: id.into(),
+        op: "action".into(),
+        status: st.into(),
+        time: t2,
+    };
+    let (mut ops, mut want, mut after) = (vec![], vec![], vec![]);
+    for (i, g) in gids.iter().enumerate() {
+        let mut set = GlobalUpdate {
+            update_time: t2,
+            ..Default::default()
+        };
+        let mut a = before[i].clone();
+        a.update_time = Some(t2);
+        let (status, owner, ok) = match i % 5 {
+            0 => {
+                set.status = Some("aborting".into());
+                set.rollback_reason = Some(format!("reason {i}"));
+                set.rollback_time = Some(t2);
+                set.next_cron_interval = Some(7);
+                a.status = "aborting".into();
+                a.rollback_reason = format!("reason {i}");
+                a.rollback_time = Some(t2);
+                a.next_cron_interval = 7;
+                ("submitted", None, true)
+            }
+            1 => ("prepared", None, false),
+            2 => ("submitted", Some("somebody"), false),
+            3 => {
+                set.custom_data = Some(format!(r#"{{"n":{i}}}"#));
+                set.owner = Some(format!("node{i}"));
+                set.next_cron_time = Some(t2 + Duration::seconds(i as i64));
+                a.custom_data = format!(r#"{{"n":{i}}}"#);
+                a.owner = format!("node{i}");
+                a.next_cron_time = Some(t2 + Duration::seconds(i as i64));
+                ("submitted", None, true)
+            }
+            _ => {
+                set.result = Some(format!("r{i}"));
+                set.status = Some("succeed".into());
+                set.finish_time = Some(t2);
+                a.result = format!("r{i}");
+                a.status = "succeed".into();
+                a.finish_time = Some(t2);
+                // the owner is "" until one is set
+                ("submitted", Some(""), true)
+            }
+        };
+        ops.push(WriteOp::UpdateGlobal {
+            gid: g.clone(),
+            expect_status: status.into(),
+            expect_owner: owner.map(str::to_string),
+            set,
+            branches: vec![bu("01", "succeed"), bu("02", "failed")],
+        });
+        want.push(if ok {
+            Ok(WriteOutcome::Done)
+        } else {
+            Err(StoreError::NotFound)
+        });
+        after.push(if ok { a } else { before[i].clone() });
+    }
+    ops.push(WriteOp::UpdateGlobal {
+        gid: "no-such-gid".into(),
+        expect_status: "submitted".into(),
+        expect_owner: None,
+        set: set_status("failed", t2),
+        branches: vec![bu("01", "failed")],
+    });
+    want.push(Err(StoreError::NotFound));
+    assert_eq!(together(&s, ops).await?, want);
+    for (i, a) in after.into_iter().enumerate() {
+        let got = s.find_global(&a.gid).await?.ok_or("gone")?;
+        assert_eq!(got, a, "global {i}");
+        let st: Vec<String> = s
+            .find_branches(&a.gid)
+            .await?
+            .into_iter()
+            .map(|b| b.status)
+            .collect();
+        let want = if i % 5 == 1 || i % 5 == 2 {
+            ["prepared", "prepared", "prepared", "prepared"]
+        } else {
+            ["prepared", "succeed", "prepared", "failed"]
+        };
+        assert_eq!(st, want, "branches of global {i}");
+    }
+    Ok(())
+}
+
 enum StoreErrorOr {
     Ok,
     Err(StoreError),
@@ -592,6 +910,68 @@ async fn refused_value_fails_only_its_op(s: Arc<dyn Store>) -> R {
         } else {
             assert_eq!(r, Ok(WriteOutcome::Done), "{g}");
             assert!(s.find_global(&g).await?.is_some());
+        }
+    }
+    Ok(())
+}
+
+/// A value the database refuses in one update of a batch of updates fails that update
+/// only.
+async fn refused_update_fails_only_its_op(s: Arc<dyn Store>) -> R {
+    let t = now();
+    let gids: Vec<String> = (0..12).map(|i| gid(&format!("refu{i}"))).collect();
+    for g in &gids {
+        save(
+            &*s,
+            global(g, "submitted", t),
+            vec![branch(g, "01", "action", t)],
+        )
+        .await?;
+    }
+    let ops = gids
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let mut set = set_status("succeed", t);
+            // result is varchar(1024)
+            set.result = Some(if i == 5 {
+                "r".repeat(5000)
+            } else {
+                "ok".into()
+            });
+            WriteOp::UpdateGlobal {
+                gid: g.clone(),
+                expect_status: "submitted".into(),
+                expect_owner: None,
+                set,
+                branches: vec![BranchUpdate {
+                    branch_id: "01".into(),
+                    op: "action".into(),
+                    status: "succeed".into(),
+                    time: t,
+                }],
+            }
+        })
+        .collect();
+    let got = together(&s, ops).await?;
+    for (i, (g, r)) in gids.iter().zip(got).enumerate() {
+        let gl = s.find_global(g).await?.ok_or("gone")?;
+        let b = &s.find_branches(g).await?[0];
+        if i == 5 {
+            match r {
+                Err(StoreError::Unavailable(m)) => assert!(m.contains("refused"), "{m}"),
+                other => panic!("a 5000-character result was {other:?}"),
+            }
+            assert_eq!(
+                (gl.status.as_str(), b.status.as_str()),
+                ("submitted", "prepared")
+            );
+        } else {
+            assert_eq!(r, Ok(WriteOutcome::Done), "{g}");
+            assert_eq!(
+                (gl.status.as_str(), b.status.as_str()),
+                ("succeed", "succeed")
+            );
         }
     }
     Ok(())
@@ -803,8 +1183,12 @@ async fn conformance(s: Arc<dyn Store>, backend: Backend) -> R {
     kv_versions(&*s).await?;
     scan_pages_and_filters(&*s).await?;
     concurrent_writes_get_their_own_results(Arc::clone(&s)).await?;
+    saves_in_one_batch(Arc::clone(&s)).await?;
+    save_and_updates_of_one_gid_in_one_batch(Arc::clone(&s)).await?;
+    updates_in_one_batch(Arc::clone(&s)).await?;
     if backend == Backend::Sql {
         refused_value_fails_only_its_op(Arc::clone(&s)).await?;
+        refused_update_fails_only_its_op(Arc::clone(&s)).await?;
     }
     many_branches(&*s).await?;
     reset_next_makes_due_finished_never(&*s).await?;

@@ -23,6 +23,23 @@ pub(crate) enum Val<'a> {
     Int(i64),
     Time(Option<DateTime<Utc>>),
     Bytes(&'a [u8]),
+    /// A text or NULL.
+    OptStr(Option<&'a str>),
+    /// An integer or NULL.
+    OptInt(Option<i64>),
+    /// Arrays, one parameter each (Postgres only: `UNNEST(?::text[], ...)` keeps the text
+    /// of a batched statement the same whatever the number of rows).
+    Strs(&'a [&'a str]),
+    OptStrs(&'a [Option<&'a str>]),
+    OptInts(&'a [Option<i64>]),
+    Times(&'a [Option<DateTime<Utc>>]),
+    Blobs(&'a [&'a [u8]]),
+}
+
+/// The error for an array bound on MySQL (a bug: the batched MySQL statements bind
+/// scalars).
+pub(crate) fn array_on_mysql() -> DbError {
+    DbError::Encode("array parameters are only bound on Postgres".into())
 }
 
 /// A time as stored: millisecond precision, truncated (the columns are `(3)`, and
@@ -62,6 +79,12 @@ pub(crate) trait Exec: Send {
     async fn kvs(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<Kv>, DbError>;
     /// The first column of each row, as text.
     async fn texts(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<String>, DbError>;
+    /// Rows of (an integer, a text), e.g. `SELECT id, gid`.
+    async fn id_texts(
+        &mut self,
+        sql: &str,
+        args: &[Val<'_>],
+    ) -> Result<Vec<(i64, String)>, DbError>;
     /// Commit when this is a transaction; nothing otherwise.
     async fn commit(self: Box<Self>) -> Result<(), DbError>;
     /// Roll back when this is a transaction; nothing otherwise.

@@ -25,11 +25,13 @@
 //!   what is wrong (HTTP 503); the pool reconnects by itself. A write is answered only
 //!   after its commit.
 
+mod batch;
 mod exec;
 mod mysql;
 mod ops;
 mod pg;
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -355,10 +357,16 @@ async fn run_batch(
     // Ops that failed with a database error in an earlier run, and their errors.
     let mut failed: Vec<Option<StoreError>> = vec![None; ops.len()];
     let mut retries = 0;
+    // grouped statements first; op by op once one of them failed (to find the op)
+    let mut grouped = true;
     loop {
-        match try_batch(engine, errs, ops, &mut failed).await {
+        match try_batch(engine, errs, ops, &mut failed, grouped).await {
             Attempt::Done(results) => return results,
             Attempt::Rerun => continue,
+            Attempt::OneByOne => {
+                grouped = false;
+                continue;
+            }
             Attempt::Fail(class, what, e) => {
                 if class == ErrClass::Retry && retries < RETRIES {
                     retries += 1;
@@ -378,7 +386,17 @@ enum Attempt {
     Done(Vec<Result<WriteOutcome, StoreError>>),
     /// An op failed with a database error and is now marked in `failed`.
     Rerun,
+    /// A grouped statement failed with a database error: run the batch op by op, which
+    /// tells the op.
+    OneByOne,
     Fail(ErrClass, &'static str, DbError),
+}
+
+/// Ops of the batch waiting to run as one group (distinct group keys).
+#[derive(Default)]
+struct Group {
+    at: Vec<usize>,
+    keys: HashSet<String>,
 }
 
 async fn try_batch(
@@ -386,6 +404,7 @@ async fn try_batch(
     errs: &Errs,
     ops: &[&WriteOp],
     failed: &mut [Option<StoreError>],
+    grouped: bool,
 ) -> Attempt {
     let live = failed.iter().filter(|f| f.is_none()).count();
     if live == 0 {
@@ -400,15 +419,60 @@ async fn try_batch(
         Ok(tx) => tx,
         Err(e) => return Attempt::Fail(engine.classify(&e), "start a transaction", e),
     };
-    let mut results = Vec::with_capacity(ops.len());
-    for (i, op) in ops.iter().enumerate() {
-        if let Some(e) = &failed[i] {
-            results.push(Err(e.clone()));
+    let d = engine.dialect();
+    let mut results: Vec<Option<Result<WriteOutcome, StoreError>>> = vec![None; ops.len()];
+    let mut group = Group::default();
+    // i == ops.len(): the end, where the last group runs
+    for i in 0..=ops.len() {
+        let key = match ops.get(i) {
+            Some(_) if failed[i].is_some() => continue,
+            Some(op) if grouped => batch::group_key(d, op),
+            _ => None,
+        };
+        if let Some(k) = &key
+            && !group.keys.contains(k)
+        {
+            group.keys.insert(k.clone());
+            group.at.push(i);
+            continue;
+        }
+        // this op cannot join the group: run the group first, to keep the order
+        if !group.at.is_empty() {
+            let g = std::mem::take(&mut group);
+            let gops: Vec<&WriteOp> = g.at.iter().map(|&j| ops[j]).collect();
+            match batch::apply_group(&mut *tx, &gops).await {
+                Ok(rs) => {
+                    for (j, r) in g.at.into_iter().zip(rs) {
+                        results[j] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    let class = engine.classify(&e);
+                    let _ = tx.rollback().await;
+                    return match class {
+                        ErrClass::Unique | ErrClass::Statement => {
+                            tracing::debug!(
+                                "{}: {e}; running the batch op by op to find the op",
+                                errs.desc
+                            );
+                            Attempt::OneByOne
+                        }
+                        ErrClass::Retry | ErrClass::Connection => {
+                            Attempt::Fail(class, "apply the change", e)
+                        }
+                    };
+                }
+            }
+        }
+        let Some(op) = ops.get(i) else { break };
+        if let Some(k) = key {
+            group.keys.insert(k);
+            group.at.push(i);
             continue;
         }
         match ops::apply(&mut *tx, op).await {
-            Ok(out) => results.push(Ok(out)),
-            Err(OpError::Logical(e)) => results.push(Err(e)),
+            Ok(out) => results[i] = Some(Ok(out)),
+            Err(OpError::Logical(e)) => results[i] = Some(Err(e)),
             Err(OpError::Db(e)) => {
                 let class = engine.classify(&e);
                 let _ = tx.rollback().await;
@@ -428,6 +492,15 @@ async fn try_batch(
             }
         }
     }
+    let results: Vec<Result<WriteOutcome, StoreError>> = results
+        .into_iter()
+        .zip(failed.iter())
+        .map(|(r, f)| match (r, f) {
+            (Some(r), _) => r,
+            (None, Some(e)) => Err(e.clone()),
+            (None, None) => Err(StoreError::NotFound),
+        })
+        .collect();
     if results.iter().all(|r| r.is_err()) {
         // nothing changed: no commit needed
         let _ = tx.rollback().await;

@@ -24,7 +24,7 @@ use sqlx_mysql::{
     MySqlRow, MySqlSslMode,
 };
 
-use super::exec::{DbError, Dialect, Engine, ErrClass, Exec, Val, classify_common};
+use super::exec::{DbError, Dialect, Engine, ErrClass, Exec, Val, array_on_mysql, classify_common};
 use super::{SqlOptions, quote_ident};
 
 /// The zone `datetime` values are written in.
@@ -218,7 +218,11 @@ impl MyExec {
     }
 }
 
-fn build<'q>(sql: &str, args: &[Val<'_>], zone: Zone) -> Query<'q, MySql, MySqlArguments> {
+fn build<'q>(
+    sql: &str,
+    args: &[Val<'_>],
+    zone: Zone,
+) -> Result<Query<'q, MySql, MySqlArguments>, DbError> {
     let mut q = query(AssertSqlSafe(sql.to_string()));
     for a in args {
         q = match *a {
@@ -226,9 +230,14 @@ fn build<'q>(sql: &str, args: &[Val<'_>], zone: Zone) -> Query<'q, MySql, MySqlA
             Val::Int(i) => q.bind(i),
             Val::Time(t) => q.bind(t.map(|t| zone.write_db(t))),
             Val::Bytes(b) => q.bind(b),
+            Val::OptStr(s) => q.bind(s),
+            Val::OptInt(i) => q.bind(i),
+            Val::Strs(_) | Val::OptStrs(_) | Val::OptInts(_) | Val::Times(_) | Val::Blobs(_) => {
+                return Err(array_on_mysql());
+            }
         };
     }
-    q
+    Ok(q)
 }
 
 fn text(r: &MySqlRow, i: usize) -> Result<String, DbError> {
@@ -315,7 +324,7 @@ impl Exec for MyExec {
 
     async fn exec(&mut self, sql: &str, args: &[Val<'_>]) -> Result<u64, DbError> {
         let zone = self.zone;
-        Ok(build(sql, args, zone)
+        Ok(build(sql, args, zone)?
             .execute(self.raw())
             .await?
             .rows_affected())
@@ -323,30 +332,42 @@ impl Exec for MyExec {
 
     async fn globals(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<TransGlobal>, DbError> {
         let zone = self.zone;
-        let rows = build(sql, args, zone).fetch_all(self.raw()).await?;
+        let rows = build(sql, args, zone)?.fetch_all(self.raw()).await?;
         rows.iter().map(|r| Rd { r, zone }.global()).collect()
     }
 
     async fn branches(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<Branch>, DbError> {
         let zone = self.zone;
-        let rows = build(sql, args, zone).fetch_all(self.raw()).await?;
+        let rows = build(sql, args, zone)?.fetch_all(self.raw()).await?;
         rows.iter().map(|r| Rd { r, zone }.branch()).collect()
     }
 
     async fn kvs(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<Kv>, DbError> {
         let zone = self.zone;
-        let rows = build(sql, args, zone).fetch_all(self.raw()).await?;
+        let rows = build(sql, args, zone)?.fetch_all(self.raw()).await?;
         rows.iter().map(|r| Rd { r, zone }.kv()).collect()
     }
 
     async fn texts(&mut self, sql: &str, args: &[Val<'_>]) -> Result<Vec<String>, DbError> {
         let zone = self.zone;
-        let rows = build(sql, args, zone).fetch_all(self.raw()).await?;
+        let rows = build(sql, args, zone)?.fetch_all(self.raw()).await?;
         rows.iter()
             .map(|r| match r.try_get::<Option<String>, _>(0) {
                 Ok(s) => Ok(s.unwrap_or_default()),
                 Err(_) => Ok(int(r, 0)?.map(|i| i.to_string()).unwrap_or_default()),
             })
+            .collect()
+    }
+
+    async fn id_texts(
+        &mut self,
+        sql: &str,
+        args: &[Val<'_>],
+    ) -> Result<Vec<(i64, String)>, DbError> {
+        let zone = self.zone;
+        let rows = build(sql, args, zone)?.fetch_all(self.raw()).await?;
+        rows.iter()
+            .map(|r| Ok((int(r, 0)?.unwrap_or_default(), text(r, 1)?)))
             .collect()
     }
 

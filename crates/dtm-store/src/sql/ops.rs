@@ -409,7 +409,7 @@ fn update_sql<'a>(u: &'a GlobalUpdate, args: &mut Vec<Val<'a>>) -> String {
     cols.join(", ")
 }
 
-fn placeholders(n: usize) -> String {
+pub(crate) fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 

@@ -188,6 +188,13 @@ fn build<'q>(sql: &str, args: &[Val<'_>]) -> Query<'q, Postgres, PgArguments> {
             Val::Int(i) => q.bind(i),
             Val::Time(t) => q.bind(t),
             Val::Bytes(b) => q.bind(b),
+            Val::OptStr(s) => q.bind(s),
+            Val::OptInt(i) => q.bind(i),
+            Val::Strs(v) => q.bind(v),
+            Val::OptStrs(v) => q.bind(v),
+            Val::OptInts(v) => q.bind(v),
+            Val::Times(v) => q.bind(v),
+            Val::Blobs(v) => q.bind(v),
         };
     }
     q
@@ -297,6 +304,17 @@ impl Exec for PgExec {
                 Ok(s) => Ok(s.unwrap_or_default()),
                 Err(_) => Ok(int(r, 0)?.map(|i| i.to_string()).unwrap_or_default()),
             })
+            .collect()
+    }
+
+    async fn id_texts(
+        &mut self,
+        sql: &str,
+        args: &[Val<'_>],
+    ) -> Result<Vec<(i64, String)>, DbError> {
+        let rows = build(sql, args).fetch_all(self.raw()).await?;
+        rows.iter()
+            .map(|r| Ok((int(r, 0)?.unwrap_or_default(), text(r, 1)?)))
             .collect()
     }
 

@@ -1,0 +1,676 @@
+//! The hot ops of a batch written together: the `SaveNew`s of a group as one insert of
+//! their globals and one of their branches, the `UpdateGlobal`s as one guarded update of
+//! their globals and one of their branch rows. A batch then costs a few statements (round
+//! trips) whatever the number of its ops, instead of two or three per op.
+//!
+//! A group holds ops on distinct gids only (the batch runner starts a new group when a
+//! gid comes again, and runs other op kinds on their own between groups), so its ops are
+//! independent and the order inside a group does not matter; each op keeps its own result.
+//!
+//! - **Postgres**: arrays bound as one parameter each, `UNNEST`ed, so every statement has
+//!   one text (one prepared statement) whatever the number of rows. `ON CONFLICT (gid) DO
+//!   NOTHING RETURNING gid` tells which globals were inserted; `UPDATE ... FROM UNNEST(..)
+//!   ... RETURNING gid` which guards held.
+//! - **MySQL/MariaDB**: no arrays and no `RETURNING` on UPDATE: one `SELECT gid ... IN`
+//!   finds the gids that exist, multi-row INSERTs add the rest; one `SELECT id, gid ...
+//!   FOR UPDATE` with every op's guard finds (and locks) the rows to change, one UPDATE
+//!   with a `CASE id` per column changes them, one with a `CASE` per (gid, branch_id, op)
+//!   their branches. Lists are padded (IN, CASE) or split (INSERT) to powers of two, so a
+//!   connection prepares few distinct statements. A gid is compared by the server's
+//!   collation (case-insensitive by default); only gids of printable ASCII are grouped
+//!   (their collation match is the ASCII case fold), others run op by op, and a row whose
+//!   gid matches no op exactly under that fold sends its group op by op too.
+//!
+//! A database error in a grouped statement cannot be pinned on one op: the batch runner
+//! rolls back and runs the batch again op by op ([`super::ops::apply`]), which finds it.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use dtm_core::StoreError;
+use dtm_core::store::{BranchUpdate, GlobalUpdate, WriteOp, WriteOutcome};
+use dtm_proto::{Branch, TransGlobal};
+
+use super::exec::{DbError, Dialect, Exec, Val, opt_time, time};
+use super::ops::{self, OpError};
+
+/// Most ops per MySQL statement (the `CASE` lists are scanned for every row changed).
+const MYSQL_OPS: usize = 64;
+/// Most rows per MySQL multi-row INSERT (17 values each: well under 65,535 parameters).
+const MYSQL_ROWS: usize = 256;
+/// Most branch updates per MySQL statement (15 parameters each).
+const MYSQL_BRANCH_UPDATES: usize = 256;
+/// Bytes of values per MySQL statement, well under the default `max_allowed_packet`.
+const MYSQL_BYTES: usize = 4 << 20;
+
+pub(crate) type OpResult = Result<WriteOutcome, StoreError>;
+
+/// The key under which an op joins a group, or None when it runs on its own. Ops with
+/// equal keys never share a group.
+pub(crate) fn group_key(d: Dialect, op: &WriteOp) -> Option<String> {
+    let gid = match op {
+        WriteOp::SaveNew { global, .. } => &global.gid,
+        WriteOp::UpdateGlobal { gid, .. } => gid,
+        _ => return None,
+    };
+    match d {
+        // text equality is byte equality
+        Dialect::Postgres => Some(gid.clone()),
+        // the server's collation decides; for printable ASCII that is (at most) a case fold
+        Dialect::MySql => gid
+            .bytes()
+            .all(|b| b.is_ascii_graphic())
+            .then(|| gid.to_ascii_lowercase()),
+    }
+}
+
+fn key_of(d: Dialect, gid: &str) -> String {
+    match d {
+        Dialect::Postgres => gid.to_string(),
+        Dialect::MySql => gid.to_ascii_lowercase(),
+    }
+}
+
+struct Save<'a> {
+    at: usize,
+    g: &'a TransGlobal,
+    branches: &'a [Branch],
+}
+
+struct Upd<'a> {
+    at: usize,
+    gid: &'a str,
+    expect_status: &'a str,
+    expect_owner: Option<&'a str>,
+    set: &'a GlobalUpdate,
+    branches: &'a [BranchUpdate],
+}
+
+/// Apply a group (ops whose [`group_key`]s are distinct); one result per op, in order. A
+/// database error is returned as is: the caller rolls back and goes op by op.
+pub(crate) async fn apply_group(
+    c: &mut dyn Exec,
+    ops: &[&WriteOp],
+) -> Result<Vec<OpResult>, DbError> {
+    let mut out: Vec<Option<OpResult>> = vec![None; ops.len()];
+    let mut saves = Vec::new();
+    let mut upds = Vec::new();
+    for (at, op) in ops.iter().enumerate() {
+        match op {
+            WriteOp::SaveNew { global, branches } => saves.push(Save {
+                at,
+                g: global,
+                branches,
+            }),
+            WriteOp::UpdateGlobal {
+                gid,
+                expect_status,
+                expect_owner,
+                set,
+                branches,
+            } => upds.push(Upd {
+                at,
+                gid,
+                expect_status,
+                expect_owner: expect_owner.as_deref(),
+                set,
+                branches,
+            }),
+            // not grouped: run here, on its own (the group has distinct gids)
+            other => {
+                out[at] = Some(single(c, other).await?);
+            }
+        }
+    }
+    if !saves.is_empty() {
+        match c.dialect() {
+            Dialect::Postgres => pg_save(c, &saves, &mut out).await?,
+            Dialect::MySql => {
+                for chunk in saves.chunks(MYSQL_OPS) {
+                    my_save(c, chunk, ops, &mut out).await?;
+                }
+            }
+        }
+    }
+    if !upds.is_empty() {
+        match c.dialect() {
+            Dialect::Postgres => pg_update(c, &upds, &mut out).await?,
+            Dialect::MySql => {
+                for chunk in upds.chunks(MYSQL_OPS) {
+                    my_update(c, chunk, ops, &mut out).await?;
+                }
+            }
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| r.unwrap_or(Err(StoreError::NotFound)))
+        .collect())
+}
+
+/// One op the statement-per-op way.
+async fn single(c: &mut dyn Exec, op: &WriteOp) -> Result<OpResult, DbError> {
+    match ops::apply(c, op).await {
+        Ok(o) => Ok(Ok(o)),
+        Err(OpError::Logical(e)) => Ok(Err(e)),
+        Err(OpError::Db(e)) => Err(e),
+    }
+}
+
+fn trunc(t: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    t.map(|t| t.trunc_subsecs(3))
+}
+
+fn interval(i: i64) -> i64 {
+    i.clamp(i32::MIN as i64, i32::MAX as i64)
+}
+
+/// Branch updates as they end when applied one after the other: the last update of a
+/// (branch_id, op) wins, in the order of their first appearance.
+fn last_wins(ups: &[BranchUpdate]) -> Vec<&BranchUpdate> {
+    let mut at: HashMap<(&str, &str), usize> = HashMap::with_capacity(ups.len());
+    let mut out: Vec<&BranchUpdate> = Vec::with_capacity(ups.len());
+    for u in ups {
+        match at.get(&(u.branch_id.as_str(), u.op.as_str())) {
+            Some(&i) => out[i] = u,
+            None => {
+                at.insert((&u.branch_id, &u.op), out.len());
+                out.push(u);
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------- Postgres
+
+const PG_SAVE_GLOBALS: &str = "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) SELECT * FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::text[], ?::text[], ?::int8[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[]) ON CONFLICT (gid) DO NOTHING RETURNING gid";
+
+const PG_SAVE_BRANCHES: &str = "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) SELECT * FROM UNNEST(?::text[], ?::text[], ?::bytea[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[])";
+
+const PG_UPDATE_GLOBALS: &str = "UPDATE trans_global g SET update_time = u.update_time, status = COALESCE(u.status, g.status), rollback_reason = COALESCE(u.rollback_reason, g.rollback_reason), result = COALESCE(u.result, g.result), custom_data = COALESCE(u.custom_data, g.custom_data), owner = COALESCE(u.owner, g.owner), finish_time = COALESCE(u.finish_time, g.finish_time), rollback_time = COALESCE(u.rollback_time, g.rollback_time), next_cron_time = COALESCE(u.next_cron_time, g.next_cron_time), next_cron_interval = COALESCE(u.next_cron_interval, g.next_cron_interval) FROM UNNEST(?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::int8[]) AS u(gid, expect_status, expect_owner, update_time, status, rollback_reason, result, custom_data, owner, finish_time, rollback_time, next_cron_time, next_cron_interval) WHERE g.gid = u.gid AND g.status = u.expect_status AND (u.expect_owner IS NULL OR g.owner = u.expect_owner) RETURNING g.gid";
+
+const PG_UPDATE_BRANCHES: &str = "UPDATE trans_branch_op b SET status = u.status, finish_time = u.t, update_time = u.t FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[]) AS u(gid, branch_id, op, status, t) WHERE b.gid = u.gid AND b.branch_id = u.branch_id AND b.op = u.op";
+
+async fn pg_save(
+    c: &mut dyn Exec,
+    saves: &[Save<'_>],
+    out: &mut [Option<OpResult>],
+) -> Result<(), DbError> {
+    let gs: Vec<&TransGlobal> = saves.iter().map(|s| s.g).collect();
+    let strs = |f: fn(&TransGlobal) -> &str| -> Vec<&str> { gs.iter().map(|g| f(g)).collect() };
+    let times = |f: fn(&TransGlobal) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        gs.iter().map(|g| trunc(f(g))).collect()
+    };
+    let (gid, trans_type, status, query_prepared, protocol) = (
+        strs(|g| &g.gid),
+        strs(|g| &g.trans_type),
+        strs(|g| &g.status),
+        strs(|g| &g.query_prepared),
+        strs(|g| &g.protocol),
+    );
+    let (create, update, finish, rollback) = (
+        times(|g| g.create_time),
+        times(|g| g.update_time),
+        times(|g| g.finish_time),
+        times(|g| g.rollback_time),
+    );
+    let (options, custom_data) = (strs(|g| &g.options), strs(|g| &g.custom_data));
+    let interval: Vec<Option<i64>> = gs
+        .iter()
+        .map(|g| Some(interval(g.next_cron_interval)))
+        .collect();
+    let next = times(|g| g.next_cron_time);
+    let (owner, ext_data, result, reason) = (
+        strs(|g| &g.owner),
+        strs(|g| &g.ext_data),
+        strs(|g| &g.result),
+        strs(|g| &g.rollback_reason),
+    );
+    let inserted: HashSet<String> = c
+        .texts(
+            PG_SAVE_GLOBALS,
+            &[
+                Val::Strs(&gid),
+                Val::Strs(&trans_type),
+                Val::Strs(&status),
+                Val::Strs(&query_prepared),
+                Val::Strs(&protocol),
+                Val::Times(&create),
+                Val::Times(&update),
+                Val::Times(&finish),
+                Val::Times(&rollback),
+                Val::Strs(&options),
+                Val::Strs(&custom_data),
+                Val::OptInts(&interval),
+                Val::Times(&next),
+                Val::Strs(&owner),
+                Val::Strs(&ext_data),
+                Val::Strs(&result),
+                Val::Strs(&reason),
+            ],
+        )
+        .await?
+        .into_iter()
+        .collect();
+    let mut bs: Vec<&Branch> = Vec::new();
+    for s in saves {
+        if inserted.contains(&s.g.gid) {
+            out[s.at] = Some(Ok(WriteOutcome::Done));
+            bs.extend(s.branches);
+        } else {
+            out[s.at] = Some(Err(StoreError::UniqueConflict));
+        }
+    }
+    if bs.is_empty() {
+        return Ok(());
+    }
+    let strs = |f: fn(&Branch) -> &str| -> Vec<&str> { bs.iter().map(|b| f(b)).collect() };
+    let times = |f: fn(&Branch) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        bs.iter().map(|b| trunc(f(b))).collect()
+    };
+    let bin: Vec<&[u8]> = bs.iter().map(|b| b.bin_data.as_slice()).collect();
+    let (gid, url, branch_id, op, status) = (
+        strs(|b| &b.gid),
+        strs(|b| &b.url),
+        strs(|b| &b.branch_id),
+        strs(|b| &b.op),
+        strs(|b| &b.status),
+    );
+    let (finish, rollback, create, update) = (
+        times(|b| b.finish_time),
+        times(|b| b.rollback_time),
+        times(|b| b.create_time),
+        times(|b| b.update_time),
+    );
+    c.exec(
+        PG_SAVE_BRANCHES,
+        &[
+            Val::Strs(&gid),
+            Val::Strs(&url),
+            Val::Blobs(&bin),
+            Val::Strs(&branch_id),
+            Val::Strs(&op),
+            Val::Strs(&status),
+            Val::Times(&finish),
+            Val::Times(&rollback),
+            Val::Times(&create),
+            Val::Times(&update),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn pg_update(
+    c: &mut dyn Exec,
+    upds: &[Upd<'_>],
+    out: &mut [Option<OpResult>],
+) -> Result<(), DbError> {
+    let strs = |f: for<'x> fn(&'x Upd<'x>) -> &'x str| -> Vec<&str> {
+        upds.iter().map(|u| f(u)).collect()
+    };
+    let opt_strs = |f: for<'x> fn(&'x Upd<'x>) -> Option<&'x str>| -> Vec<Option<&str>> {
+        upds.iter().map(|u| f(u)).collect()
+    };
+    let times = |f: fn(&GlobalUpdate) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        upds.iter().map(|u| trunc(f(u.set))).collect()
+    };
+    let gid = strs(|u| u.gid);
+    let expect_status = strs(|u| u.expect_status);
+    let expect_owner = opt_strs(|u| u.expect_owner);
+    let update = times(|s| Some(s.update_time));
+    let status = opt_strs(|u| u.set.status.as_deref());
+    let reason = opt_strs(|u| u.set.rollback_reason.as_deref());
+    let result = opt_strs(|u| u.set.result.as_deref());
+    let custom_data = opt_strs(|u| u.set.custom_data.as_deref());
+    let owner = opt_strs(|u| u.set.owner.as_deref());
+    let finish = times(|s| s.finish_time);
+    let rollback = times(|s| s.rollback_time);
+    let next = times(|s| s.next_cron_time);
+    let interval: Vec<Option<i64>> = upds
+        .iter()
+        .map(|u| u.set.next_cron_interval.map(interval))
+        .collect();
+    let changed: HashSet<String> = c
+        .texts(
+            PG_UPDATE_GLOBALS,
+            &[
+                Val::Strs(&gid),
+                Val::Strs(&expect_status),
+                Val::OptStrs(&expect_owner),
+                Val::Times(&update),
+                Val::OptStrs(&status),
+                Val::OptStrs(&reason),
+                Val::OptStrs(&result),
+                Val::OptStrs(&custom_data),
+                Val::OptStrs(&owner),
+                Val::Times(&finish),
+                Val::Times(&rollback),
+                Val::Times(&next),
+                Val::OptInts(&interval),
+            ],
+        )
+        .await?
+        .into_iter()
+        .collect();
+    let mut bs: Vec<(&str, &BranchUpdate)> = Vec::new();
+    for u in upds {
+        if changed.contains(u.gid) {
+            out[u.at] = Some(Ok(WriteOutcome::Done));
+            bs.extend(last_wins(u.branches).into_iter().map(|b| (u.gid, b)));
+        } else {
+            out[u.at] = Some(Err(StoreError::NotFound));
+        }
+    }
+    if bs.is_empty() {
+        return Ok(());
+    }
+    let gid: Vec<&str> = bs.iter().map(|(g, _)| *g).collect();
+    let branch_id: Vec<&str> = bs.iter().map(|(_, b)| b.branch_id.as_str()).collect();
+    let op: Vec<&str> = bs.iter().map(|(_, b)| b.op.as_str()).collect();
+    let status: Vec<&str> = bs.iter().map(|(_, b)| b.status.as_str()).collect();
+    let t: Vec<Option<DateTime<Utc>>> = bs.iter().map(|(_, b)| trunc(Some(b.time))).collect();
+    c.exec(
+        PG_UPDATE_BRANCHES,
+        &[
+            Val::Strs(&gid),
+            Val::Strs(&branch_id),
+            Val::Strs(&op),
+            Val::Strs(&status),
+            Val::Times(&t),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------- MySQL
+
+/// `n` rounded up to a power of two: IN and CASE lists are padded to it (repeating an
+/// entry changes nothing), so few statement texts are prepared.
+fn padded(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// Sizes for multi-row INSERTs of `rows`: powers of two, at most `MYSQL_ROWS` rows and
+/// about `MYSQL_BYTES` of values each (one row always fits).
+fn insert_chunks<T>(rows: &[T], bytes: impl Fn(&T) -> usize) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let rest = rows.len() - i;
+        let mut k = MYSQL_ROWS.min(rest);
+        k = 1 << (usize::BITS - 1 - k.leading_zeros()); // largest power of two <= k
+        while k > 1 && rows[i..i + k].iter().map(&bytes).sum::<usize>() > MYSQL_BYTES {
+            k /= 2;
+        }
+        sizes.push(k);
+        i += k;
+    }
+    sizes
+}
+
+fn global_bytes(g: &TransGlobal) -> usize {
+    64 + g.gid.len()
+        + g.trans_type.len()
+        + g.status.len()
+        + g.query_prepared.len()
+        + g.protocol.len()
+        + g.options.len()
+        + g.custom_data.len()
+        + g.owner.len()
+        + g.ext_data.len()
+        + g.result.len()
+        + g.rollback_reason.len()
+}
+
+fn branch_bytes(b: &Branch) -> usize {
+    48 + b.gid.len() + b.url.len() + b.bin_data.len() + b.branch_id.len() + b.op.len()
+}
+
+/// Run the ops of `ats` (indices into `ops`) one by one: a row matched no op exactly.
+async fn one_by_one(
+    c: &mut dyn Exec,
+    ats: impl Iterator<Item = usize>,
+    ops: &[&WriteOp],
+    out: &mut [Option<OpResult>],
+) -> Result<(), DbError> {
+    for at in ats {
+        out[at] = Some(single(c, ops[at]).await?);
+    }
+    Ok(())
+}
+
+async fn my_save(
+    c: &mut dyn Exec,
+    saves: &[Save<'_>],
+    ops: &[&WriteOp],
+    out: &mut [Option<OpResult>],
+) -> Result<(), DbError> {
+    let d = Dialect::MySql;
+    // which gids exist already (a duplicate-key error would cost the batch a rerun)
+    let n = padded(saves.len());
+    let sql = format!(
+        "SELECT gid FROM trans_global WHERE gid IN ({})",
+        ops::placeholders(n)
+    );
+    let args: Vec<Val> = (0..n)
+        .map(|i| Val::Str(&saves[i.min(saves.len() - 1)].g.gid))
+        .collect();
+    let keys: HashSet<String> = saves.iter().map(|s| key_of(d, &s.g.gid)).collect();
+    let mut exist = HashSet::new();
+    for g in c.texts(&sql, &args).await? {
+        let k = key_of(d, &g);
+        if !keys.contains(&k) {
+            return one_by_one(c, saves.iter().map(|s| s.at), ops, out).await;
+        }
+        exist.insert(k);
+    }
+    let mut new: Vec<&Save> = Vec::with_capacity(saves.len());
+    for s in saves {
+        if exist.contains(&key_of(d, &s.g.gid)) {
+            out[s.at] = Some(Err(StoreError::UniqueConflict));
+        } else {
+            new.push(s);
+        }
+    }
+    let mut i = 0;
+    for k in insert_chunks(&new, |s| global_bytes(s.g)) {
+        let mut sql = String::from(
+            "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES ",
+        );
+        let mut args = Vec::with_capacity(k * 17);
+        for (j, s) in new[i..i + k].iter().enumerate() {
+            if j > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+            let g = s.g;
+            args.extend([
+                Val::Str(&g.gid),
+                Val::Str(&g.trans_type),
+                Val::Str(&g.status),
+                Val::Str(&g.query_prepared),
+                Val::Str(&g.protocol),
+                opt_time(g.create_time),
+                opt_time(g.update_time),
+                opt_time(g.finish_time),
+                opt_time(g.rollback_time),
+                Val::Str(&g.options),
+                Val::Str(&g.custom_data),
+                Val::Int(interval(g.next_cron_interval)),
+                opt_time(g.next_cron_time),
+                Val::Str(&g.owner),
+                Val::Str(&g.ext_data),
+                Val::Str(&g.result),
+                Val::Str(&g.rollback_reason),
+            ]);
+        }
+        c.exec(&sql, &args).await?;
+        i += k;
+    }
+    let bs: Vec<&Branch> = new.iter().flat_map(|s| s.branches).collect();
+    let mut i = 0;
+    for k in insert_chunks(&bs, |b| branch_bytes(b)) {
+        let mut sql = String::from(
+            "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES ",
+        );
+        let mut args = Vec::with_capacity(k * 10);
+        for (j, b) in bs[i..i + k].iter().enumerate() {
+            if j > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+            args.extend([
+                Val::Str(&b.gid),
+                Val::Str(&b.url),
+                Val::Bytes(&b.bin_data),
+                Val::Str(&b.branch_id),
+                Val::Str(&b.op),
+                Val::Str(&b.status),
+                opt_time(b.finish_time),
+                opt_time(b.rollback_time),
+                opt_time(b.create_time),
+                opt_time(b.update_time),
+            ]);
+        }
+        c.exec(&sql, &args).await?;
+        i += k;
+    }
+    for s in new {
+        out[s.at] = Some(Ok(WriteOutcome::Done));
+    }
+    Ok(())
+}
+
+async fn my_update(
+    c: &mut dyn Exec,
+    upds: &[Upd<'_>],
+    ops: &[&WriteOp],
+    out: &mut [Option<OpResult>],
+) -> Result<(), DbError> {
+    let d = Dialect::MySql;
+    // 1. find and lock the rows whose guards hold (the server compares, as op by op)
+    let n = padded(upds.len());
+    let pick = |i: usize| &upds[i.min(upds.len() - 1)];
+    let guards = vec!["(gid = ? AND status = ? AND owner = COALESCE(?, owner))"; n].join(" OR ");
+    let sql = format!(
+        "SELECT id, gid FROM trans_global WHERE gid IN ({}) AND ({guards}) FOR UPDATE",
+        ops::placeholders(n)
+    );
+    let mut args: Vec<Val> = Vec::with_capacity(n * 4);
+    args.extend((0..n).map(|i| Val::Str(pick(i).gid)));
+    for i in 0..n {
+        let u = pick(i);
+        args.extend([
+            Val::Str(u.gid),
+            Val::Str(u.expect_status),
+            Val::OptStr(u.expect_owner),
+        ]);
+    }
+    let rows = c.id_texts(&sql, &args).await?;
+    let by_key: HashMap<String, usize> = upds
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (key_of(d, u.gid), i))
+        .collect();
+    let mut hit: Vec<(i64, &Upd)> = Vec::with_capacity(rows.len());
+    for (id, g) in rows {
+        match by_key.get(&key_of(d, &g)) {
+            Some(&i) => hit.push((id, &upds[i])),
+            None => return one_by_one(c, upds.iter().map(|u| u.at), ops, out).await,
+        }
+    }
+    for u in upds {
+        out[u.at] = Some(Err(StoreError::NotFound));
+    }
+    if hit.is_empty() {
+        return Ok(());
+    }
+    // 2. change them: one CASE on id per column, every row listed in each
+    let n = padded(hit.len());
+    let pick = |i: usize| hit[i.min(hit.len() - 1)];
+    type Col = for<'x> fn(&'x GlobalUpdate) -> Val<'x>;
+    let cols: [(&str, Col); 10] = [
+        ("update_time", |s| time(s.update_time)),
+        ("status", |s| opt_str(&s.status)),
+        ("rollback_reason", |s| opt_str(&s.rollback_reason)),
+        ("result", |s| opt_str(&s.result)),
+        ("custom_data", |s| opt_str(&s.custom_data)),
+        ("owner", |s| opt_str(&s.owner)),
+        ("finish_time", |s| opt_time(s.finish_time)),
+        ("rollback_time", |s| opt_time(s.rollback_time)),
+        ("next_cron_time", |s| opt_time(s.next_cron_time)),
+        ("next_cron_interval", |s| {
+            Val::OptInt(s.next_cron_interval.map(interval))
+        }),
+    ];
+    let arms = vec!["WHEN ? THEN COALESCE(?, {c})"; n].join(" ");
+    let sets: Vec<String> = cols
+        .iter()
+        .map(|(name, _)| {
+            format!(
+                "{name} = CASE id {} ELSE {name} END",
+                arms.replace("{c}", name)
+            )
+        })
+        .collect();
+    let sql = format!(
+        "UPDATE trans_global SET {} WHERE id IN ({})",
+        sets.join(", "),
+        ops::placeholders(n)
+    );
+    let mut args: Vec<Val> = Vec::with_capacity(n * 21);
+    for (_, col) in &cols {
+        for i in 0..n {
+            let (id, u) = pick(i);
+            args.push(Val::Int(id));
+            args.push(col(u.set));
+        }
+    }
+    args.extend((0..n).map(|i| Val::Int(pick(i).0)));
+    c.exec(&sql, &args).await?;
+    for (_, u) in &hit {
+        out[u.at] = Some(Ok(WriteOutcome::Done));
+    }
+    // 3. their branches: one CASE per column over (gid, branch_id, op), the last update
+    //    of a row first (CASE takes the first match; as op by op, the last one wins)
+    let mut bs: Vec<(&str, &BranchUpdate)> = Vec::new();
+    for (_, u) in &hit {
+        bs.extend(u.branches.iter().map(|b| (u.gid, b)));
+    }
+    for chunk in bs.chunks(MYSQL_BRANCH_UPDATES) {
+        let n = padded(chunk.len());
+        // reversed, then padded with copies of the (now last) first update
+        let pick = |i: usize| chunk[chunk.len() - 1 - i.min(chunk.len() - 1)];
+        const KEY: &str = "gid = ? AND branch_id = ? AND op = ?";
+        let arms = vec![format!("WHEN {KEY} THEN ?"); n].join(" ");
+        let sql = format!(
+            "UPDATE trans_branch_op SET status = CASE {arms} ELSE status END, finish_time = CASE {arms} ELSE finish_time END, update_time = CASE {arms} ELSE update_time END WHERE {}",
+            vec![format!("({KEY})"); n].join(" OR ")
+        );
+        let mut args: Vec<Val> = Vec::with_capacity(n * 15);
+        for col in 0..3 {
+            for i in 0..n {
+                let (gid, b) = pick(i);
+                args.extend([Val::Str(gid), Val::Str(&b.branch_id), Val::Str(&b.op)]);
+                args.push(if col == 0 {
+                    Val::Str(&b.status)
+                } else {
+                    time(b.time)
+                });
+            }
+        }
+        for i in 0..n {
+            let (gid, b) = pick(i);
+            args.extend([Val::Str(gid), Val::Str(&b.branch_id), Val::Str(&b.op)]);
+        }
+        c.exec(&sql, &args).await?;
+    }
+    Ok(())
+}
+
+fn opt_str(s: &Option<String>) -> Val<'_> {
+    Val::OptStr(s.as_deref())
+}
