@@ -99,6 +99,11 @@ pub(crate) trait Engine: Send + Sync + 'static {
     async fn conn(&self) -> Result<Box<dyn Exec>, DbError>;
     /// A pooled connection inside `BEGIN`.
     async fn begin(&self) -> Result<Box<dyn Exec>, DbError>;
+    /// A transaction for the batch writer (see `PgEngine`: plan settings for the batched
+    /// statements).
+    async fn begin_batch(&self) -> Result<Box<dyn Exec>, DbError> {
+        self.begin().await
+    }
     fn classify(&self, e: &DbError) -> ErrClass;
     async fn close(&self);
 }

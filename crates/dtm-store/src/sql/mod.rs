@@ -415,7 +415,7 @@ async fn try_batch(
                 .collect(),
         );
     }
-    let mut tx = match engine.begin().await {
+    let mut tx = match engine.begin_batch().await {
         Ok(tx) => tx,
         Err(e) => return Attempt::Fail(engine.classify(&e), "start a transaction", e),
     };
