@@ -12,8 +12,8 @@
 //!   NOTHING RETURNING gid` tells which globals were inserted; `UPDATE ... FROM UNNEST(..)
 //!   ... RETURNING gid` which guards held.
 //! - **MySQL/MariaDB**: no arrays and no `RETURNING` on UPDATE: one `SELECT gid ... IN`
-//!   finds the gids that exist, multi-row INSERTs add the rest; one `SELECT id, gid ...
-//!   FOR UPDATE` with every op's guard finds (and locks) the rows to change, one UPDATE
+//!   finds the gids that exist, multi-row INSERTs add the rest; one `UNION ALL` of guarded
+//!   `SELECT ... FOR UPDATE` lookups finds (and locks) the rows to change, one UPDATE
 //!   with a `CASE id` per column changes them, one with a `CASE` per (gid, branch_id, op)
 //!   their branches. Lists are padded (IN, CASE) or split (INSERT) to powers of two, so a
 //!   connection prepares few distinct statements. A gid is compared by the server's
@@ -554,16 +554,18 @@ async fn my_update(
     out: &mut [Option<OpResult>],
 ) -> Result<(), DbError> {
     let d = Dialect::MySql;
-    // 1. find and lock the rows whose guards hold (the server compares, as op by op)
+    // 1. find and lock the rows whose guards hold (the server compares, as op by op):
+    //    one lookup by gid per op, so each is a unique-key lookup that locks that row
+    //    only. (One `WHERE gid IN (..) AND (guards)` may be planned as a scan of the
+    //    status index or of the table, locking rows of the other writer: deadlocks.)
     let n = padded(upds.len());
     let pick = |i: usize| &upds[i.min(upds.len() - 1)];
-    let guards = vec!["(gid = ? AND status = ? AND owner = COALESCE(?, owner))"; n].join(" OR ");
-    let sql = format!(
-        "SELECT id, gid FROM trans_global WHERE gid IN ({}) AND ({guards}) FOR UPDATE",
-        ops::placeholders(n)
-    );
-    let mut args: Vec<Val> = Vec::with_capacity(n * 4);
-    args.extend((0..n).map(|i| Val::Str(pick(i).gid)));
+    let sql = vec![
+        "(SELECT id, gid FROM trans_global WHERE gid = ? AND status = ? AND owner = COALESCE(?, owner) FOR UPDATE)";
+        n
+    ]
+    .join(" UNION ALL ");
+    let mut args: Vec<Val> = Vec::with_capacity(n * 3);
     for i in 0..n {
         let u = pick(i);
         args.extend([
@@ -579,8 +581,11 @@ async fn my_update(
         .map(|(i, u)| (key_of(d, u.gid), i))
         .collect();
     let mut hit: Vec<(i64, &Upd)> = Vec::with_capacity(rows.len());
+    let mut seen = HashSet::with_capacity(rows.len());
     for (id, g) in rows {
         match by_key.get(&key_of(d, &g)) {
+            // the padding repeats a lookup
+            Some(_) if !seen.insert(id) => {}
             Some(&i) => hit.push((id, &upds[i])),
             None => return one_by_one(c, upds.iter().map(|u| u.at), ops, out).await,
         }
