@@ -7,16 +7,19 @@
 //!   precision, and one index for the retention cleanup (`dtm migrate` runs only this).
 //! - **Group commit**: a writer task takes every write waiting in its queue (up to
 //!   [`MAX_BATCH`]) and applies them in one database transaction, committed once; then
-//!   each waiter gets its own result. A few writers run side by side on their own
-//!   connections (each statement is a round trip, so one writer leaves the server idle
-//!   most of the time); writes are routed to them by gid (kv writes by key, bulk ops to
-//!   the first), so the writes of one transaction keep their order and two writers never
-//!   wait for each other's rows of one transaction. A logical failure of one op (a guard that does
+//!   each waiter gets its own result. Two writers run side by side on their own
+//!   connections (one executes while the other commits); writes are routed to them by
+//!   gid (kv writes by key, bulk ops to the first), so the writes of one transaction keep
+//!   their order and two writers never wait for each other's rows of one transaction.
+//! - **Grouped statements**: the inserts and guarded updates of a batch (`SaveNew`,
+//!   `UpdateGlobal`) run as a few multi-row statements per batch, not two or three per op
+//!   (`batch.rs`); a gid that comes again in the batch starts the next group, and other
+//!   ops run op by op between groups, so the batch keeps its order. A logical failure of one op (a guard that does
 //!   not match, a key that exists) changes nothing and does not disturb the others. A
 //!   database error inside an op (say a value too long for its column) rolls the
-//!   transaction back and the batch is run again without that op, which gets the error.
-//!   This needs no SAVEPOINT per op: two round trips fewer per op, and no Postgres
-//!   subtransactions (more than 64 in one transaction slow down every reader).
+//!   transaction back; the batch is run again op by op, then again without that op,
+//!   which gets the error. This needs no SAVEPOINT per op: no Postgres subtransactions
+//!   (more than 64 in one transaction slow down every reader).
 //!   Deadlocks and serialization failures rerun the batch, a few times.
 //! - **No row locks held across calls**: changes are conditional updates
 //!   (`WHERE gid = ? AND status = ? [AND owner = ?]`). Recovery claims due rows with
@@ -49,8 +52,11 @@ use ops::OpError;
 
 /// Most writes one commit takes.
 pub const MAX_BATCH: usize = 256;
-/// Most writer tasks (each uses one connection while it commits).
-const MAX_WRITERS: usize = 4;
+/// Most writer tasks (each uses one connection while it commits). A batch costs a few
+/// statements whatever its size (see `batch`), so fewer writers with bigger batches use
+/// less CPU per write than many with small ones; two let one batch execute while the
+/// other commits.
+const MAX_WRITERS: usize = 2;
 /// How often a batch is run again after a deadlock or serialization failure.
 const RETRIES: usize = 3;
 
