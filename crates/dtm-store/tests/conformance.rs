@@ -776,6 +776,80 @@ async fn save_and_updates_of_one_gid_in_one_batch(s: Arc<dyn Store>) -> R {
     Ok(())
 }
 
+/// Branches registered in the same batch as the insert and the status change of their
+/// transaction (as tcc's registerBranch calls arrive) see them in order.
+async fn add_branches_in_one_batch(s: Arc<dyn Store>) -> R {
+    let t = now();
+    let (a, b) = (gid("aba"), gid("abb"));
+    let add = |g: &str, status: &str, id: &str| WriteOp::AddBranches {
+        gid: g.into(),
+        expect_status: status.into(),
+        branches: vec![branch(g, id, "cancel", t), branch(g, id, "confirm", t)],
+    };
+    let ops = vec![
+        WriteOp::SaveNew {
+            global: global(&a, "prepared", t),
+            branches: vec![],
+        },
+        add(&a, "prepared", "01"),
+        WriteOp::SaveNew {
+            global: global(&b, "prepared", t),
+            branches: vec![],
+        },
+        add(&b, "submitted", "01"),
+        add(&a, "prepared", "02"),
+        WriteOp::UpdateGlobal {
+            gid: a.clone(),
+            expect_status: "prepared".into(),
+            expect_owner: None,
+            set: set_status("submitted", t),
+            branches: vec![BranchUpdate {
+                branch_id: "02".into(),
+                op: "confirm".into(),
+                status: "succeed".into(),
+                time: t,
+            }],
+        },
+        add(&a, "prepared", "03"),
+        add(&b, "prepared", "01"),
+    ];
+    use StoreError::NotFound;
+    let done = Ok(WriteOutcome::Done);
+    assert_eq!(
+        together(&s, ops).await?,
+        vec![
+            done.clone(),
+            done.clone(),
+            done.clone(),
+            Err(NotFound),
+            done.clone(),
+            done.clone(),
+            Err(NotFound),
+            done.clone(),
+        ]
+    );
+    let rows = |v: Vec<Branch>| -> Vec<String> {
+        v.iter()
+            .map(|b| format!("{}/{}/{}", b.branch_id, b.op, b.status))
+            .collect()
+    };
+    assert_eq!(
+        rows(s.find_branches(&a).await?),
+        [
+            "01/cancel/prepared",
+            "01/confirm/prepared",
+            "02/cancel/prepared",
+            "02/confirm/succeed"
+        ]
+    );
+    assert_eq!(
+        rows(s.find_branches(&b).await?),
+        ["01/cancel/prepared", "01/confirm/prepared"]
+    );
+    assert_eq!(s.find_global(&a).await?.ok_or("gone")?.status, "submitted");
+    Ok(())
+}
+
 /// Updates of many transactions in one batch, each changing other columns, each checked by
 /// its own guard: those whose guard fails change nothing (not their branches either).
 async fn updates_in_one_batch(s: Arc<dyn Store>) -> R {
@@ -1186,6 +1260,7 @@ async fn conformance(s: Arc<dyn Store>, backend: Backend) -> R {
     saves_in_one_batch(Arc::clone(&s)).await?;
     save_and_updates_of_one_gid_in_one_batch(Arc::clone(&s)).await?;
     updates_in_one_batch(Arc::clone(&s)).await?;
+    add_branches_in_one_batch(Arc::clone(&s)).await?;
     if backend == Backend::Sql {
         refused_value_fails_only_its_op(Arc::clone(&s)).await?;
         refused_update_fails_only_its_op(Arc::clone(&s)).await?;

@@ -4,8 +4,10 @@
 //! trips) whatever the number of its ops, instead of two or three per op.
 //!
 //! A group holds ops on distinct gids only (the batch runner starts a new group when a
-//! gid comes again, and runs other op kinds on their own between groups), so its ops are
-//! independent and the order inside a group does not matter; each op keeps its own result.
+//! gid comes again, and runs other op kinds on their own: those of one gid before the
+//! group unless it holds that gid, kv ops at once, claims and resets after it), so its
+//! ops are independent and the order inside a group does not matter; each op keeps its
+//! own result.
 //!
 //! - **Postgres**: arrays bound as one parameter each, `UNNEST`ed, so every statement has
 //!   one text (one prepared statement) whatever the number of rows. `ON CONFLICT (gid) DO
@@ -45,22 +47,42 @@ const MYSQL_BYTES: usize = 4 << 20;
 
 pub(crate) type OpResult = Result<WriteOutcome, StoreError>;
 
-/// The key under which an op joins a group, or None when it runs on its own. Ops with
-/// equal keys never share a group.
-pub(crate) fn group_key(d: Dialect, op: &WriteOp) -> Option<String> {
-    let gid = match op {
-        WriteOp::SaveNew { global, .. } => &global.gid,
-        WriteOp::UpdateGlobal { gid, .. } => gid,
-        _ => return None,
+/// Where the batch runner puts an op, in grouped mode.
+pub(crate) enum Place {
+    /// Into the group, under this key (a group holds distinct keys).
+    Group(String),
+    /// On its own, touching only the rows of this key: at once, unless the group holds
+    /// the key (then after the group).
+    Before(String),
+    /// On its own at once: touches nothing a group does (kv).
+    Free,
+    /// On its own after the group (it may touch any transaction), or a gid that cannot
+    /// be keyed.
+    After,
+}
+
+/// Where `op` goes. Keys are gids as the server compares them.
+pub(crate) fn place(d: Dialect, op: &WriteOp) -> Place {
+    let (gid, grouped) = match op {
+        WriteOp::SaveNew { global, .. } => (&global.gid, true),
+        WriteOp::UpdateGlobal { gid, .. } => (gid, true),
+        WriteOp::AddBranches { gid, .. } | WriteOp::ResetNextCronTime { gid, .. } => (gid, false),
+        WriteOp::CreateKv { .. } | WriteOp::UpdateKv { .. } | WriteOp::DeleteKv { .. } => {
+            return Place::Free;
+        }
+        WriteOp::ClaimDue { .. } | WriteOp::ResetCronTime { .. } => return Place::After,
     };
-    match d {
+    let key = match d {
         // text equality is byte equality
-        Dialect::Postgres => Some(gid.clone()),
+        Dialect::Postgres => gid.clone(),
         // the server's collation decides; for printable ASCII that is (at most) a case fold
-        Dialect::MySql => gid
-            .bytes()
-            .all(|b| b.is_ascii_graphic())
-            .then(|| gid.to_ascii_lowercase()),
+        Dialect::MySql if gid.bytes().all(|b| b.is_ascii_graphic()) => gid.to_ascii_lowercase(),
+        Dialect::MySql => return Place::After,
+    };
+    if grouped {
+        Place::Group(key)
+    } else {
+        Place::Before(key)
     }
 }
 
@@ -86,7 +108,7 @@ struct Upd<'a> {
     branches: &'a [BranchUpdate],
 }
 
-/// Apply a group (ops whose [`group_key`]s are distinct); one result per op, in order. A
+/// Apply a group (ops of [`Place::Group`] with distinct keys); one result per op, in order. A
 /// database error is returned as is: the caller rolls back and goes op by op.
 pub(crate) async fn apply_group(
     c: &mut dyn Exec,

@@ -14,7 +14,8 @@
 //! - **Grouped statements**: the inserts and guarded updates of a batch (`SaveNew`,
 //!   `UpdateGlobal`) run as a few multi-row statements per batch, not two or three per op
 //!   (`batch.rs`); a gid that comes again in the batch starts the next group, and other
-//!   ops run op by op between groups, so the batch keeps its order. A logical failure of one op (a guard that does
+//!   ops run op by op before or after a group as their rows require, so the batch keeps
+//!   its order per transaction. A logical failure of one op (a guard that does
 //!   not match, a key that exists) changes nothing and does not disturb the others. A
 //!   database error inside an op (say a value too long for its column) rolls the
 //!   transaction back; the batch is run again op by op, then again without that op,
@@ -46,6 +47,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use batch::Place;
 pub use exec::Dialect;
 use exec::{DbError, Engine, ErrClass, Exec};
 use ops::OpError;
@@ -430,20 +432,18 @@ async fn try_batch(
     let mut group = Group::default();
     // i == ops.len(): the end, where the last group runs
     for i in 0..=ops.len() {
-        let key = match ops.get(i) {
+        let place = match ops.get(i) {
             Some(_) if failed[i].is_some() => continue,
-            Some(op) if grouped => batch::group_key(d, op),
-            _ => None,
+            Some(op) if grouped => batch::place(d, op),
+            _ => Place::After,
         };
-        if let Some(k) = &key
-            && !group.keys.contains(k)
-        {
-            group.keys.insert(k.clone());
-            group.at.push(i);
-            continue;
-        }
-        // this op cannot join the group: run the group first, to keep the order
-        if !group.at.is_empty() {
+        // run the group first when this op must follow it, to keep the order
+        let after_group = match &place {
+            Place::Group(k) | Place::Before(k) => group.keys.contains(k),
+            Place::Free => false,
+            Place::After => true,
+        };
+        if after_group && !group.at.is_empty() {
             let g = std::mem::take(&mut group);
             let gops: Vec<&WriteOp> = g.at.iter().map(|&j| ops[j]).collect();
             match batch::apply_group(&mut *tx, &gops).await {
@@ -471,7 +471,7 @@ async fn try_batch(
             }
         }
         let Some(op) = ops.get(i) else { break };
-        if let Some(k) = key {
+        if let Place::Group(k) = place {
             group.keys.insert(k);
             group.at.push(i);
             continue;
