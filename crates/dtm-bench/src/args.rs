@@ -29,7 +29,9 @@ Load:
 Server:
   --store NAME        sqlite | postgres | mysql | redis           (default sqlite)
                       connection values come from STORE_HOST, STORE_PORT, STORE_USER,
-                      STORE_PASSWORD, ... in the environment, passed through to the server
+                      STORE_PASSWORD, ... in the environment, passed through to the server.
+                      redis with neither STORE_HOST nor STORE_PORT set: a redis-server of
+                      its own for the run, appendonly yes, appendfsync always (durable)
   --sync full|normal  sqlite durability (STORE_SYNCHRONOUS)        (default full)
   --env K=V           extra environment for the server (repeatable)
   --no-fresh-db       postgres/mysql/redis: use STORE_DB / STORE_REDIS_PREFIX as given

@@ -51,6 +51,9 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
 pub fn durability(args: &Args) -> String {
     match args.store.as_str() {
         "sqlite" => format!("WAL, synchronous={}", args.sync.to_ascii_uppercase()),
+        "redis" if crate::server::private_redis(args.fresh_db) => {
+            "own redis-server, appendonly yes, appendfsync always".to_string()
+        }
         other => format!("{other} server defaults"),
     }
 }

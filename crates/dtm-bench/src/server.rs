@@ -23,7 +23,72 @@ pub struct ServerUnderTest {
 
 /// Something to undo after the run (a database created for it).
 enum Cleanup {
-    Sql { store: String, db: String },
+    Sql {
+        store: String,
+        db: String,
+    },
+    /// A redis-server started for this run.
+    Process(std::process::Child),
+}
+
+impl Cleanup {
+    fn run(&mut self) {
+        match self {
+            Cleanup::Sql { store, db } => drop_sql_db(store, db),
+            Cleanup::Process(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Whether `--store redis` runs on a redis-server of its own with AOF and
+/// `appendfsync always` (fsync before every reply, as the durable settings of the other
+/// stores): when the environment names no Redis (STORE_HOST / STORE_PORT) and
+/// `redis-server` is on the PATH.
+pub fn private_redis(fresh_db: bool) -> bool {
+    fresh_db
+        && std::env::var_os("STORE_HOST").is_none()
+        && std::env::var_os("STORE_PORT").is_none()
+        && Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// Start a durable redis-server in `dir` on a free port; answers when it takes commands.
+fn start_private_redis(dir: &Path) -> anyhow::Result<(std::process::Child, u16)> {
+    let port = free_port()?;
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", "always"])
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting redis-server")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the redis-server started for this run did not listen on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((child, port))
 }
 
 /// How to start the server.
@@ -263,6 +328,12 @@ impl ServerUnderTest {
                 }
             }
             "postgres" | "mysql" => push_sql_defaults(&mut env, &l.store),
+            "redis" if l.fresh_db && private_redis(true) => {
+                let (child, port) = start_private_redis(&dir)?;
+                cleanup.push(Cleanup::Process(child));
+                env.push(("STORE_HOST".into(), "127.0.0.1".into()));
+                env.push(("STORE_PORT".into(), port.to_string()));
+            }
             "redis" if l.fresh_db => {
                 push_redis_defaults(&mut env);
                 env.push((
@@ -320,9 +391,8 @@ impl ServerUnderTest {
                 }
             }
         }
-        for c in &cleanup {
-            let Cleanup::Sql { store, db } = c;
-            drop_sql_db(store, db);
+        for c in &mut cleanup {
+            c.run();
         }
         let err = last_err.unwrap_or_else(|| anyhow::anyhow!("the server did not start"));
         if !l.keep {
@@ -374,14 +444,18 @@ impl ServerUnderTest {
             }
         }
         if self.keep {
+            for c in &mut self.cleanup {
+                if let Cleanup::Process(_) = c {
+                    c.run();
+                }
+            }
             if let Some(d) = &self.dir {
                 eprintln!("dtm-bench: data kept in {}", d.display());
             }
             return;
         }
-        for c in &self.cleanup {
-            let Cleanup::Sql { store, db } = c;
-            drop_sql_db(store, db);
+        for c in &mut self.cleanup {
+            c.run();
         }
         if let Some(d) = &self.dir {
             let _ = std::fs::remove_dir_all(d);

@@ -384,57 +384,34 @@ impl Coordinator {
         let t = now();
         let branches = self.gen_branches(&req, t).await?;
         let global = self.new_global(&req, status::SUBMITTED, t);
-        let (global, branches) = match self
-            .store
-            .write(WriteOp::SaveNew {
-                global: global.clone(),
-                branches: branches.clone(),
-            })
-            .await
-        {
-            Ok(_) => (global, branches),
-            Err(StoreError::UniqueConflict) => {
-                let stored = self.must_find(&req.gid).await?;
-                let sb = self.store.find_branches(&req.gid).await?;
-                Self::same_content(&stored, &sb, &req, &branches)?;
-                if stored.status != status::PREPARED && stored.status != status::SUBMITTED {
-                    return Err(ApiError::failure(format!(
-                        "current status '{}', cannot submit.",
-                        stored.status
-                    )));
+        // A msg or tcc submit normally follows its prepare: look first, which is a read,
+        // instead of an insert that fails on the gid (a write that waits for a commit).
+        let prepared_first = matches!(
+            req.trans_type.as_str(),
+            trans_type::MSG | trans_type::TCC | trans_type::XA
+        );
+        let stored = if prepared_first {
+            self.store.find_global(&req.gid).await?
+        } else {
+            None
+        };
+        let (global, branches) = match stored {
+            Some(stored) => self.submit_stored(stored, &req, &branches, t).await?,
+            None => match self
+                .store
+                .write(WriteOp::SaveNew {
+                    global: global.clone(),
+                    branches: branches.clone(),
+                })
+                .await
+            {
+                Ok(_) => (global, branches),
+                Err(StoreError::UniqueConflict) => {
+                    let stored = self.must_find(&req.gid).await?;
+                    self.submit_stored(stored, &req, &branches, t).await?
                 }
-                // Take the lease; a prepared msg also gets the submit's custom_data (delay).
-                let b = self.base_interval(&stored.trans_options());
-                let mut set = GlobalUpdate {
-                    status: Some(status::SUBMITTED.to_string()),
-                    owner: Some(self.node.clone()),
-                    next_cron_time: Some(t + secs(b)),
-                    next_cron_interval: Some(b),
-                    update_time: t,
-                    ..Default::default()
-                };
-                if stored.custom_data.is_empty() && !req.custom_data.is_empty() {
-                    set.custom_data = Some(req.custom_data.clone());
-                }
-                self.store
-                    .write(WriteOp::UpdateGlobal {
-                        gid: req.gid.clone(),
-                        expect_status: stored.status.clone(),
-                        expect_owner: None,
-                        set,
-                        branches: vec![],
-                    })
-                    .await
-                    .map_err(|e| match e {
-                        StoreError::NotFound => ApiError::failure(
-                            "the transaction changed status while submitting; query it and retry.",
-                        ),
-                        e => e.into(),
-                    })?;
-                let g = self.must_find(&req.gid).await?;
-                (g, sb)
-            }
-            Err(e) => return Err(e.into()),
+                Err(e) => return Err(e.into()),
+            },
         };
         let gid = global.gid.clone();
         if wait {
@@ -450,6 +427,56 @@ impl Coordinator {
             });
             Ok(())
         }
+    }
+
+    /// Submit of a transaction that is stored already (after its prepare, or a repeated
+    /// submit): the content must match, then it turns `submitted` under this node's lease.
+    /// Answers the global as the update left it, and its stored branches.
+    async fn submit_stored(
+        &self,
+        mut stored: TransGlobal,
+        req: &TransRequest,
+        branches: &[Branch],
+        t: DateTime<Utc>,
+    ) -> Result<(TransGlobal, Vec<Branch>), ApiError> {
+        let sb = self.store.find_branches(&req.gid).await?;
+        Self::same_content(&stored, &sb, req, branches)?;
+        if stored.status != status::PREPARED && stored.status != status::SUBMITTED {
+            return Err(ApiError::failure(format!(
+                "current status '{}', cannot submit.",
+                stored.status
+            )));
+        }
+        // Take the lease; a prepared msg also gets the submit's custom_data (delay).
+        let b = self.base_interval(&stored.trans_options());
+        let mut set = GlobalUpdate {
+            status: Some(status::SUBMITTED.to_string()),
+            owner: Some(self.node.clone()),
+            next_cron_time: Some(t + secs(b)),
+            next_cron_interval: Some(b),
+            update_time: t,
+            ..Default::default()
+        };
+        if stored.custom_data.is_empty() && !req.custom_data.is_empty() {
+            set.custom_data = Some(req.custom_data.clone());
+        }
+        self.store
+            .write(WriteOp::UpdateGlobal {
+                gid: req.gid.clone(),
+                expect_status: stored.status.clone(),
+                expect_owner: None,
+                set: set.clone(),
+                branches: vec![],
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => ApiError::failure(
+                    "the transaction changed status while submitting; query it and retry.",
+                ),
+                e => e.into(),
+            })?;
+        set.apply_to(&mut stored);
+        Ok((stored, sb))
     }
 
     /// dtm's wait_result rule: report the mode's error, else FAILURE unless `succeed`.

@@ -44,6 +44,35 @@ pub struct GlobalUpdate {
     pub update_time: DateTime<Utc>,
 }
 
+impl GlobalUpdate {
+    /// What the stored row becomes when this update applies to it.
+    pub fn apply_to(&self, g: &mut TransGlobal) {
+        let set = |to: &mut String, v: &Option<String>| {
+            if let Some(v) = v {
+                to.clone_from(v);
+            }
+        };
+        set(&mut g.status, &self.status);
+        set(&mut g.rollback_reason, &self.rollback_reason);
+        set(&mut g.result, &self.result);
+        set(&mut g.custom_data, &self.custom_data);
+        set(&mut g.owner, &self.owner);
+        if self.finish_time.is_some() {
+            g.finish_time = self.finish_time;
+        }
+        if self.rollback_time.is_some() {
+            g.rollback_time = self.rollback_time;
+        }
+        if self.next_cron_time.is_some() {
+            g.next_cron_time = self.next_cron_time;
+        }
+        if let Some(i) = self.next_cron_interval {
+            g.next_cron_interval = i;
+        }
+        g.update_time = Some(self.update_time);
+    }
+}
+
 /// One durable change. Each op is atomic on its own; a batch of ops may share a commit.
 #[derive(Debug, Clone)]
 pub enum WriteOp {

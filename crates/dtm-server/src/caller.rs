@@ -3,16 +3,40 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use dtm_core::{BranchCall, BranchCaller};
 use dtm_proto::{BranchOutcome, classify_http, protocol, trans_type};
+use http_body_util::{BodyExt, Full};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::grpc_caller::GrpcCaller;
 
 /// Calls branches over HTTP and JSON-RPC, and hands gRPC branches to [`GrpcCaller`]
 /// (transport selection of dtm §5.1).
+///
+/// Plain `http://` branch calls, the hot path of every transaction, go straight to
+/// hyper's pooled client with a URI parsed once; reqwest's per-request layers (URL
+/// re-parsing, redirect and timeout services) were about a third of the server's CPU per
+/// saga (bench/README.md). `https://` URLs, redirects and the webhook use reqwest.
 pub struct HttpCaller {
     client: reqwest::Client,
+    plain: HyperClient<HttpConnector, Full<Bytes>>,
     grpc: GrpcCaller,
+}
+
+/// What the plain path could not finish: the reqwest path takes over.
+enum Plain {
+    Done(BranchOutcome),
+    /// The branch answered with a redirect to this URL; reqwest goes on from there.
+    /// `keep_method`: 307/308 repeat the request as it was; 301/302/303 turn a POST
+    /// into a GET without a body, as browsers, Go and reqwest do.
+    Redirect {
+        url: String,
+        keep_method: bool,
+    },
 }
 
 impl HttpCaller {
@@ -24,8 +48,17 @@ impl HttpCaller {
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let plain = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
         Ok(HttpCaller {
             client,
+            plain,
             grpc: GrpcCaller::new(),
         })
     }
@@ -96,8 +129,8 @@ impl BranchCaller for HttpCaller {
         if c.protocol == protocol::JSON_RPC && c.url.contains("method") {
             return self.call_jrpc(c).await;
         }
-        let post = !c.body.is_empty() || c.trans_type == trans_type::XA;
-        let url = with_query(
+        let mut post = !c.body.is_empty() || c.trans_type == trans_type::XA;
+        let mut url = with_query(
             &c.url,
             &[
                 ("gid", &c.gid),
@@ -106,6 +139,18 @@ impl BranchCaller for HttpCaller {
                 ("op", &c.op),
             ],
         );
+        if url.starts_with("http://") {
+            match self.call_plain(c, &url, post).await {
+                Plain::Done(out) => return out,
+                Plain::Redirect {
+                    url: to,
+                    keep_method,
+                } => {
+                    url = to;
+                    post &= keep_method;
+                }
+            }
+        }
         let mut req = if post {
             self.client.post(&url).body(c.body.clone())
         } else {
@@ -151,6 +196,71 @@ impl BranchCaller for HttpCaller {
 }
 
 impl HttpCaller {
+    async fn call_plain(&self, c: &BranchCall, url: &str, post: bool) -> Plain {
+        let uri: hyper::Uri = match url.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return Plain::Done(BranchOutcome::Error(format!(
+                    "branch URL {url} is not a valid URL ({e}): fix the URL of branch {} ({})",
+                    c.branch_id, c.op
+                )));
+            }
+        };
+        let mut req = hyper::Request::new(Full::new(Bytes::from(c.body.clone())));
+        *req.uri_mut() = uri;
+        if post {
+            *req.method_mut() = hyper::Method::POST;
+        }
+        let headers = req.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (k, v) in &c.headers {
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) else {
+                return Plain::Done(BranchOutcome::Error(format!(
+                    "branch header {k:?} is not a valid HTTP header: fix branch_headers"
+                )));
+            };
+            headers.insert(name, value);
+        }
+        let exchange = async {
+            let resp = self.plain.request(req).await.map_err(|e| chain(&e))?;
+            let status = resp.status();
+            if status.is_redirection()
+                && let Some(to) = resp
+                    .headers()
+                    .get(hyper::header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .and_then(|l| reqwest::Url::parse(url).ok()?.join(l).ok())
+            {
+                let keep_method = matches!(status.as_u16(), 307 | 308);
+                return Ok(Err((to.to_string(), keep_method)));
+            }
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| chain(&e))?
+                .to_bytes();
+            Ok::<_, String>(Ok((status.as_u16(), body)))
+        };
+        match tokio::time::timeout(c.timeout, exchange).await {
+            Ok(Ok(Ok((status, body)))) => {
+                Plain::Done(classify_http(status, &String::from_utf8_lossy(&body)))
+            }
+            Ok(Ok(Err((url, keep_method)))) => Plain::Redirect { url, keep_method },
+            Ok(Err(e)) => Plain::Done(BranchOutcome::Error(format!(
+                "error sending request for url ({url}): {e}"
+            ))),
+            Err(_) => Plain::Done(BranchOutcome::Error(format!(
+                "request to {url} timed out after {:?} (raise request_timeout or \
+                 REQUEST_TIMEOUT if the branch is slow)",
+                c.timeout
+            ))),
+        }
+    }
+
     async fn call_jrpc(&self, c: &BranchCall) -> BranchOutcome {
         let Some(method) = jrpc_method(&c.url) else {
             return BranchOutcome::Error(format!("JSON-RPC URL {} has no method parameter", c.url));
@@ -214,14 +324,20 @@ impl HttpCaller {
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
+/// An error and its sources, joined with `: `.
+fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
+    let mut src = e.source();
     while let Some(inner) = src {
         s.push_str(": ");
         s.push_str(&inner.to_string());
         src = inner.source();
     }
+    s
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    let mut s = chain(e);
     if e.is_timeout() {
         s.push_str(" (timed out; raise request_timeout or REQUEST_TIMEOUT if the branch is slow)");
     }
@@ -230,6 +346,128 @@ fn describe(e: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    use axum::response::IntoResponse;
+    use axum::routing::any;
+    use dtm_core::{BranchCall, BranchCaller};
+    use dtm_proto::BranchOutcome;
+
+    type Seen = Arc<Mutex<Vec<String>>>;
+
+    /// Records `METHOD path?query|x-tenant|body` of every request.
+    async fn busi(
+        State(seen): State<Seen>,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: String,
+    ) -> axum::response::Response {
+        let q = uri.query().unwrap_or_default().to_string();
+        let tenant = headers
+            .get("x-tenant")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if let Ok(mut s) = seen.lock() {
+            s.push(format!("{method} {}?{q}|{tenant}|{body}", uri.path()));
+        }
+        match uri.path() {
+            "/moved" => (
+                StatusCode::TEMPORARY_REDIRECT,
+                [("location", format!("/ok?{q}"))],
+            )
+                .into_response(),
+            "/ok" => (StatusCode::OK, r#"{"dtm_result":"SUCCESS"}"#).into_response(),
+            "/fail" => (StatusCode::CONFLICT, "FAILURE").into_response(),
+            "/slow" => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                StatusCode::OK.into_response()
+            }
+            _ => StatusCode::NOT_FOUND.into_response(),
+        }
+    }
+
+    fn call(url: String, body: &str) -> BranchCall {
+        BranchCall {
+            url,
+            body: body.as_bytes().to_vec(),
+            gid: "g 1".into(),
+            trans_type: "saga".into(),
+            branch_id: "01".into(),
+            op: "action".into(),
+            protocol: "http".into(),
+            headers: BTreeMap::from([("x-tenant".to_string(), "t1".to_string())]),
+            timeout: Duration::from_secs(3),
+        }
+    }
+
+    /// Plain http:// branch calls: query parameters, headers and body arrive; 409 is
+    /// FAILURE; a redirect is followed; a slow branch times out; a closed port is an
+    /// error naming the URL.
+    #[tokio::test]
+    async fn plain_http_calls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let seen: Seen = Arc::default();
+        let app = Router::new().fallback(any(busi)).with_state(seen.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let caller = super::HttpCaller::new().unwrap_or_else(|e| panic!("{e}"));
+        let base = format!("http://{addr}");
+        let q = "gid=g%201&trans_type=saga&branch_id=01&op=action";
+        let take = || std::mem::take(&mut *seen.lock().unwrap_or_else(|e| panic!("{e}")));
+
+        let out = caller.call(&call(format!("{base}/ok"), r#"{"a":1}"#)).await;
+        assert_eq!(out, BranchOutcome::Success);
+        assert_eq!(take(), vec![format!(r#"POST /ok?{q}|t1|{{"a":1}}"#)]);
+
+        // no body: a GET, as for a msg back-check
+        let out = caller.call(&call(format!("{base}/ok?uid=7"), "")).await;
+        assert_eq!(out, BranchOutcome::Success);
+        assert_eq!(take(), vec![format!("GET /ok?uid=7&{q}|t1|")]);
+
+        let out = caller.call(&call(format!("{base}/fail"), "{}")).await;
+        assert!(matches!(out, BranchOutcome::Failure(_)), "{out:?}");
+        take();
+
+        let out = caller
+            .call(&call(format!("{base}/moved"), r#"{"a":1}"#))
+            .await;
+        assert_eq!(out, BranchOutcome::Success);
+        assert_eq!(
+            take(),
+            vec![
+                format!(r#"POST /moved?{q}|t1|{{"a":1}}"#),
+                format!(r#"POST /ok?{q}|t1|{{"a":1}}"#)
+            ]
+        );
+
+        let mut slow = call(format!("{base}/slow"), "{}");
+        slow.timeout = Duration::from_millis(200);
+        match caller.call(&slow).await {
+            BranchOutcome::Error(e) => assert!(e.contains("timed out"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let gone = closed.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        drop(closed);
+        match caller.call(&call(format!("http://{gone}/x"), "{}")).await {
+            BranchOutcome::Error(e) => assert!(e.contains(&gone.to_string()), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn query_is_appended() {
         let g = "g 1".to_string();

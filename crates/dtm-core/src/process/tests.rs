@@ -87,18 +87,7 @@ impl Store for MemStore {
                 if g.status != expect_status || expect_owner.is_some_and(|o| o != g.owner) {
                     return Err(StoreError::NotFound);
                 }
-                if let Some(s) = set.status {
-                    g.status = s;
-                }
-                if let Some(r) = set.rollback_reason {
-                    g.rollback_reason = r;
-                }
-                if let Some(t) = set.next_cron_time {
-                    g.next_cron_time = Some(t);
-                }
-                if let Some(i) = set.next_cron_interval {
-                    g.next_cron_interval = i;
-                }
+                set.apply_to(g);
                 let bs = m.branches.entry(gid).or_default();
                 for u in branches {
                     if let Some(b) = bs
