@@ -218,6 +218,70 @@ pub(crate) async fn run(conn: &Conn, target: &str, call: &Call) -> Result<Value,
 /// Run many script calls with one round trip per hash slot: the calls are grouped by tag,
 /// each group is one pipeline (a cluster routes a pipeline to one slot), and the groups run
 /// concurrently. Each script is atomic on its own; results come back in call order.
+///
+/// Calls on the same first key (one transaction's global, one kv entry) keep their order:
+/// such a call starts a new pipeline that is sent only after the one before it has
+/// finished. Inside one pipeline a call that meets NOSCRIPT (a script not cached on a
+/// fresh, restarted or failed-over node) is run again after the rest of the pipeline, so
+/// two writes of one transaction in one pipeline could otherwise be applied out of order.
+/// Split `idx` (in order) into runs in which no first key appears twice.
+fn distinct_first_keys(calls: &[&Call], idx: &[usize]) -> Vec<Vec<usize>> {
+    let mut parts: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for &i in idx {
+        let key = calls[i]
+            .keys
+            .first()
+            .map(String::as_str)
+            .unwrap_or_default();
+        if !seen.insert(key) {
+            parts.push(Vec::new());
+            seen.clear();
+            seen.insert(key);
+        }
+        if let Some(p) = parts.last_mut() {
+            p.push(i);
+        }
+    }
+    parts
+}
+
+/// One pipeline of EVALSHA calls; a call that meets NOSCRIPT runs again with EVAL.
+async fn run_pipeline(
+    conn: &Conn,
+    target: &str,
+    calls: &[&Call],
+    idx: &[usize],
+    out: &mut Vec<(usize, Result<Value, StoreError>)>,
+) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for &i in idx {
+        pipe.add_command(calls[i].cmd("EVALSHA", &calls[i].lua.sha));
+    }
+    let mut c = conn.clone();
+    match pipe.query_async::<Vec<RedisResult<Value>>>(&mut c).await {
+        Err(e) => {
+            let e = store_err(target, e);
+            out.extend(idx.iter().map(|&i| (i, Err(e.clone()))));
+        }
+        Ok(answers) => {
+            let mut answers = answers.into_iter();
+            for &i in idx {
+                let r = match answers.next() {
+                    Some(Ok(v)) => Ok(v),
+                    Some(Err(e)) if is_noscript(&e) => run(conn, target, calls[i]).await,
+                    Some(Err(e)) => Err(store_err(target, e)),
+                    None => Err(StoreError::Unavailable(format!(
+                        "Redis at {target} answered fewer replies than commands sent; retry"
+                    ))),
+                };
+                out.push((i, r));
+            }
+        }
+    }
+}
+
 pub(crate) async fn run_batch(
     conn: &Conn,
     target: &str,
@@ -228,33 +292,9 @@ pub(crate) async fn run_batch(
         groups.entry(c.tag.as_str()).or_default().push(i);
     }
     let runs = groups.into_values().map(|idx| async move {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for &i in &idx {
-            pipe.add_command(calls[i].cmd("EVALSHA", &calls[i].lua.sha));
-        }
-        let mut c = conn.clone();
-        let answers = pipe.query_async::<Vec<RedisResult<Value>>>(&mut c).await;
         let mut out = Vec::with_capacity(idx.len());
-        match answers {
-            Err(e) => {
-                let e = store_err(target, e);
-                out.extend(idx.iter().map(|&i| (i, Err(e.clone()))));
-            }
-            Ok(answers) => {
-                let mut answers = answers.into_iter();
-                for &i in &idx {
-                    let r = match answers.next() {
-                        Some(Ok(v)) => Ok(v),
-                        Some(Err(e)) if is_noscript(&e) => run(conn, target, calls[i]).await,
-                        Some(Err(e)) => Err(store_err(target, e)),
-                        None => Err(StoreError::Unavailable(format!(
-                            "Redis at {target} answered fewer replies than commands sent; retry"
-                        ))),
-                    };
-                    out.push((i, r));
-                }
-            }
+        for part in distinct_first_keys(calls, &idx) {
+            run_pipeline(conn, target, calls, &part, &mut out).await;
         }
         out
     });
