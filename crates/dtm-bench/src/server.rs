@@ -353,7 +353,11 @@ impl ServerUnderTest {
                 .with_context(|| format!("creating {}", log.display()))?;
             let errf = logf.try_clone()?;
             let mut cmd = Command::new(&l.bin);
+            // gRPC on a free port too: the default 36790 lies in Linux's ephemeral range
+            // and can be held by any outgoing connection on a busy box
+            let grpc_port = free_port()?;
             cmd.env("HTTP_PORT", port.to_string())
+                .env("GRPC_PORT", grpc_port.to_string())
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(logf))
                 .stderr(Stdio::from(errf));
