@@ -20,6 +20,7 @@ RULES = [
         and re.search(r"\bcommit\b|vdbeCommit|PagerCommit|sqlite3VdbeHalt|walFrames", s)),
     ("store writer: INSERT/UPDATE statements", lambda s: "writer_loop" in s and "apply_one" in s),
     ("store writer: begin, savepoints, queue", lambda s: "writer_loop" in s),
+    ("store checkpointer thread", lambda s: "checkpointer_loop" in s),
     ("store reads (find_global/find_branches, spawn_blocking)", lambda s: re.search(
         r"SqliteStore.*(find_global|find_branches|read)|BlockingTask.*sqlite3|sqlite3_step", s)),
     ("branch calls (reqwest + hyper client, sockets)", lambda s: re.search(
