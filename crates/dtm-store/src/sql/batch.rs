@@ -538,28 +538,7 @@ async fn my_save(
     let bs: Vec<&Branch> = new.iter().flat_map(|s| s.branches).collect();
     let mut i = 0;
     for k in insert_chunks(&bs, |b| branch_bytes(b)) {
-        let mut sql = String::from(
-            "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES ",
-        );
-        let mut args = Vec::with_capacity(k * 10);
-        for (j, b) in bs[i..i + k].iter().enumerate() {
-            if j > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-            args.extend([
-                Val::Str(&b.gid),
-                Val::Str(&b.url),
-                Val::Bytes(&b.bin_data),
-                Val::Str(&b.branch_id),
-                Val::Str(&b.op),
-                Val::Str(&b.status),
-                opt_time(b.finish_time),
-                opt_time(b.rollback_time),
-                opt_time(b.create_time),
-                opt_time(b.update_time),
-            ]);
-        }
+        let (sql, args) = ops::branch_insert(bs[i..i + k].iter().copied());
         c.exec(&sql, &args).await?;
         i += k;
     }

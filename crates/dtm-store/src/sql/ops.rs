@@ -330,30 +330,38 @@ impl From<DbError> for OpError {
 /// Rows per multi-row INSERT (10 values each, well under both servers' limits).
 const INSERT_CHUNK: usize = 500;
 
+/// One multi-row INSERT of `rows` into trans_branch_op, and its arguments.
+pub(crate) fn branch_insert<'a>(
+    rows: impl ExactSizeIterator<Item = &'a Branch>,
+) -> (String, Vec<Val<'a>>) {
+    let mut sql = String::from(
+        "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES ",
+    );
+    let mut args = Vec::with_capacity(rows.len() * 10);
+    for (i, b) in rows.enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        args.extend([
+            Val::Str(&b.gid),
+            Val::Str(&b.url),
+            Val::Bytes(&b.bin_data),
+            Val::Str(&b.branch_id),
+            Val::Str(&b.op),
+            Val::Str(&b.status),
+            opt_time(b.finish_time),
+            opt_time(b.rollback_time),
+            opt_time(b.create_time),
+            opt_time(b.update_time),
+        ]);
+    }
+    (sql, args)
+}
+
 async fn insert_branches(c: &mut dyn Exec, branches: &[Branch]) -> Result<(), DbError> {
     for chunk in branches.chunks(INSERT_CHUNK) {
-        let mut sql = String::from(
-            "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES ",
-        );
-        let mut args = Vec::with_capacity(chunk.len() * 10);
-        for (i, b) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-            args.extend([
-                Val::Str(&b.gid),
-                Val::Str(&b.url),
-                Val::Bytes(&b.bin_data),
-                Val::Str(&b.branch_id),
-                Val::Str(&b.op),
-                Val::Str(&b.status),
-                opt_time(b.finish_time),
-                opt_time(b.rollback_time),
-                opt_time(b.create_time),
-                opt_time(b.update_time),
-            ]);
-        }
+        let (sql, args) = branch_insert(chunk.iter());
         c.exec(&sql, &args).await?;
     }
     Ok(())
