@@ -30,10 +30,11 @@ pub struct HttpCaller {
 /// What the plain path could not finish: the reqwest path takes over.
 enum Plain {
     Done(BranchOutcome),
-    /// The branch answered with a redirect to this URL; reqwest goes on from there.
+    /// The branch answered with a redirect to this URL (or the URL is one only reqwest
+    /// parses); reqwest goes on from there.
     /// `keep_method`: 307/308 repeat the request as it was; 301/302/303 turn a POST
     /// into a GET without a body, as browsers, Go and reqwest do.
-    Redirect {
+    Reqwest {
         url: String,
         keep_method: bool,
     },
@@ -142,7 +143,7 @@ impl BranchCaller for HttpCaller {
         if url.starts_with("http://") {
             match self.call_plain(c, &url, post).await {
                 Plain::Done(out) => return out,
-                Plain::Redirect {
+                Plain::Reqwest {
                     url: to,
                     keep_method,
                 } => {
@@ -197,14 +198,13 @@ impl BranchCaller for HttpCaller {
 
 impl HttpCaller {
     async fn call_plain(&self, c: &BranchCall, url: &str, post: bool) -> Plain {
-        let uri: hyper::Uri = match url.parse() {
-            Ok(u) => u,
-            Err(e) => {
-                return Plain::Done(BranchOutcome::Error(format!(
-                    "branch URL {url} is not a valid URL ({e}): fix the URL of branch {} ({})",
-                    c.branch_id, c.op
-                )));
-            }
+        // A URL hyper's strict parser refuses (a space, a non-ASCII host) goes to
+        // reqwest, which encodes it as browsers and Go do.
+        let Ok(uri) = url.parse::<hyper::Uri>() else {
+            return Plain::Reqwest {
+                url: url.to_string(),
+                keep_method: true,
+            };
         };
         let mut req = hyper::Request::new(Full::new(Bytes::from(c.body.clone())));
         *req.uri_mut() = uri;
@@ -249,7 +249,7 @@ impl HttpCaller {
             Ok(Ok(Ok((status, body)))) => {
                 Plain::Done(classify_http(status, &String::from_utf8_lossy(&body)))
             }
-            Ok(Ok(Err((url, keep_method)))) => Plain::Redirect { url, keep_method },
+            Ok(Ok(Err((url, keep_method)))) => Plain::Reqwest { url, keep_method },
             Ok(Err(e)) => Plain::Done(BranchOutcome::Error(format!(
                 "error sending request for url ({url}): {e}"
             ))),
@@ -382,7 +382,7 @@ mod tests {
                 [("location", format!("/ok?{q}"))],
             )
                 .into_response(),
-            "/ok" => (StatusCode::OK, r#"{"dtm_result":"SUCCESS"}"#).into_response(),
+            "/ok" | "/a%20b" => (StatusCode::OK, r#"{"dtm_result":"SUCCESS"}"#).into_response(),
             "/fail" => (StatusCode::CONFLICT, "FAILURE").into_response(),
             "/slow" => {
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -449,6 +449,11 @@ mod tests {
                 format!(r#"POST /ok?{q}|t1|{{"a":1}}"#)
             ]
         );
+
+        // a space in the path: sent percent-encoded
+        let out = caller.call(&call(format!("{base}/a b"), "")).await;
+        assert_eq!(out, BranchOutcome::Success);
+        assert_eq!(take(), vec![format!("GET /a%20b?{q}|t1|")]);
 
         let mut slow = call(format!("{base}/slow"), "{}");
         slow.timeout = Duration::from_millis(200);
