@@ -502,35 +502,12 @@ async fn my_save(
     }
     let mut i = 0;
     for k in insert_chunks(&new, |s| global_bytes(s.g)) {
-        let mut sql = String::from(
-            "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES ",
-        );
+        let mut sql = String::from(ops::GLOBAL_INSERT);
         let mut args = Vec::with_capacity(k * 17);
         for (j, s) in new[i..i + k].iter().enumerate() {
-            if j > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-            let g = s.g;
-            args.extend([
-                Val::Str(&g.gid),
-                Val::Str(&g.trans_type),
-                Val::Str(&g.status),
-                Val::Str(&g.query_prepared),
-                Val::Str(&g.protocol),
-                opt_time(g.create_time),
-                opt_time(g.update_time),
-                opt_time(g.finish_time),
-                opt_time(g.rollback_time),
-                Val::Str(&g.options),
-                Val::Str(&g.custom_data),
-                Val::Int(interval(g.next_cron_interval)),
-                opt_time(g.next_cron_time),
-                Val::Str(&g.owner),
-                Val::Str(&g.ext_data),
-                Val::Str(&g.result),
-                Val::Str(&g.rollback_reason),
-            ]);
+            sql.push_str(if j > 0 { ", " } else { " " });
+            sql.push_str(ops::GLOBAL_ROW);
+            args.extend(ops::global_values(s.g));
         }
         c.exec(&sql, &args).await?;
         i += k;

@@ -330,6 +330,33 @@ impl From<DbError> for OpError {
 /// Rows per multi-row INSERT (10 values each, well under both servers' limits).
 const INSERT_CHUNK: usize = 500;
 
+/// The head of an INSERT of trans_global rows, and one row's placeholders.
+pub(crate) const GLOBAL_INSERT: &str = "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES";
+pub(crate) const GLOBAL_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+/// The arguments of one trans_global row, in `GLOBAL_INSERT`'s column order.
+pub(crate) fn global_values(g: &TransGlobal) -> [Val<'_>; 17] {
+    [
+        Val::Str(&g.gid),
+        Val::Str(&g.trans_type),
+        Val::Str(&g.status),
+        Val::Str(&g.query_prepared),
+        Val::Str(&g.protocol),
+        opt_time(g.create_time),
+        opt_time(g.update_time),
+        opt_time(g.finish_time),
+        opt_time(g.rollback_time),
+        Val::Str(&g.options),
+        Val::Str(&g.custom_data),
+        Val::Int(g.next_cron_interval.clamp(i32::MIN as i64, i32::MAX as i64)),
+        opt_time(g.next_cron_time),
+        Val::Str(&g.owner),
+        Val::Str(&g.ext_data),
+        Val::Str(&g.result),
+        Val::Str(&g.rollback_reason),
+    ]
+}
+
 /// One multi-row INSERT of `rows` into trans_branch_op, and its arguments.
 pub(crate) fn branch_insert<'a>(
     rows: impl ExactSizeIterator<Item = &'a Branch>,
@@ -437,9 +464,7 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
             global: g,
             branches,
         } => {
-            let mut sql = String::from(
-                "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            );
+            let mut sql = format!("{GLOBAL_INSERT} {GLOBAL_ROW}");
             match d {
                 Dialect::Postgres => sql.push_str(" ON CONFLICT (gid) DO NOTHING"),
                 // No ON CONFLICT DO NOTHING in MySQL (INSERT IGNORE would also hide bad
@@ -458,30 +483,7 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
                     }
                 }
             }
-            let n = c
-                .exec(
-                    &sql,
-                    &[
-                        Val::Str(&g.gid),
-                        Val::Str(&g.trans_type),
-                        Val::Str(&g.status),
-                        Val::Str(&g.query_prepared),
-                        Val::Str(&g.protocol),
-                        opt_time(g.create_time),
-                        opt_time(g.update_time),
-                        opt_time(g.finish_time),
-                        opt_time(g.rollback_time),
-                        Val::Str(&g.options),
-                        Val::Str(&g.custom_data),
-                        Val::Int(g.next_cron_interval.clamp(i32::MIN as i64, i32::MAX as i64)),
-                        opt_time(g.next_cron_time),
-                        Val::Str(&g.owner),
-                        Val::Str(&g.ext_data),
-                        Val::Str(&g.result),
-                        Val::Str(&g.rollback_reason),
-                    ],
-                )
-                .await?;
+            let n = c.exec(&sql, &global_values(g)).await?;
             if n == 0 {
                 return Err(OpError::Logical(UniqueConflict));
             }
