@@ -356,10 +356,7 @@ fn apply_batch_plain(
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let before = tx.total_changes();
-        let r = match &job.op {
-            Work::Op(op) => apply_one(&tx, op),
-            Work::Purge { before, limit } => purge(&tx, *before, *limit),
-        };
+        let r = run_work(&tx, &job.op);
         match &r {
             Ok(_) => {}
             Err(StoreError::NotFound | StoreError::UniqueConflict)
@@ -371,6 +368,13 @@ fn apply_batch_plain(
     }
     tx.commit().ok()?;
     Some(results)
+}
+
+fn run_work(c: &Connection, w: &Work) -> Result<WriteOutcome, StoreError> {
+    match w {
+        Work::Op(op) => apply_one(c, op),
+        Work::Purge { before, limit } => purge(c, *before, *limit),
+    }
 }
 
 /// The careful path: each op inside its own savepoint, so that one op's failure undoes
@@ -389,10 +393,7 @@ fn apply_batch_savepoints(
         let r = match exec_cached(&tx, "SAVEPOINT op") {
             Err(e) => Err(db_err(e)),
             Ok(()) => {
-                let r = match &job.op {
-                    Work::Op(op) => apply_one(&tx, op),
-                    Work::Purge { before, limit } => purge(&tx, *before, *limit),
-                };
+                let r = run_work(&tx, &job.op);
                 let undo = if r.is_err() {
                     exec_cached(&tx, "ROLLBACK TO op")
                 } else {
