@@ -48,15 +48,19 @@ impl Cleanup {
 /// stores): when the environment names no Redis (STORE_HOST / STORE_PORT) and
 /// `redis-server` is on the PATH.
 pub fn private_redis(fresh_db: bool) -> bool {
+    // asked by the run and by every report line: look for redis-server once
+    static HAVE_REDIS_SERVER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     fresh_db
         && std::env::var_os("STORE_HOST").is_none()
         && std::env::var_os("STORE_PORT").is_none()
-        && Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        && *HAVE_REDIS_SERVER.get_or_init(|| {
+            Command::new("redis-server")
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
 }
 
 /// Start a durable redis-server in `dir` on a free port; answers when it takes commands.
@@ -162,41 +166,49 @@ fn push_redis_defaults(env: &mut Vec<(String, String)>) {
     }
 }
 
+/// The store's command-line client (psql or mysql) set up to run one statement on the
+/// server the environment names.
+fn sql_client(store: &str, sql: &str) -> Command {
+    let mut cmd;
+    if store == "postgres" {
+        cmd = Command::new("psql");
+        cmd.args([
+            "-h",
+            &env_or("STORE_HOST", "127.0.0.1"),
+            "-p",
+            &env_or("STORE_PORT", "5432"),
+            "-U",
+            &env_or("STORE_USER", "postgres"),
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", env_or("STORE_PASSWORD", ""));
+    } else {
+        cmd = Command::new("mysql");
+        cmd.args([
+            "-h",
+            &env_or("STORE_HOST", "127.0.0.1"),
+            "-P",
+            &env_or("STORE_PORT", "3306"),
+            "-u",
+            &env_or("STORE_USER", "root"),
+            "-e",
+            sql,
+        ])
+        .env("MYSQL_PWD", env_or("STORE_PASSWORD", ""));
+    }
+    cmd
+}
+
 /// Create a database for this run with the store's command-line client.
 fn create_sql_db(store: &str, db: &str) -> anyhow::Result<()> {
-    let out = match store {
-        "postgres" => Command::new("psql")
-            .args([
-                "-h",
-                &env_or("STORE_HOST", "127.0.0.1"),
-                "-p",
-                &env_or("STORE_PORT", "5432"),
-                "-U",
-                &env_or("STORE_USER", "postgres"),
-                "-d",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                &format!("CREATE DATABASE {db}"),
-            ])
-            .env("PGPASSWORD", env_or("STORE_PASSWORD", ""))
-            .output(),
-        _ => Command::new("mysql")
-            .args([
-                "-h",
-                &env_or("STORE_HOST", "127.0.0.1"),
-                "-P",
-                &env_or("STORE_PORT", "3306"),
-                "-u",
-                &env_or("STORE_USER", "root"),
-                "-e",
-                &format!("CREATE DATABASE {db}"),
-            ])
-            .env("MYSQL_PWD", env_or("STORE_PASSWORD", ""))
-            .output(),
-    }
-    .with_context(|| format!("running the {store} client to create database {db}"))?;
+    let out = sql_client(store, &format!("CREATE DATABASE {db}"))
+        .output()
+        .with_context(|| format!("running the {store} client to create database {db}"))?;
     if !out.status.success() {
         bail!(
             "creating database {db} failed: {}",
@@ -207,37 +219,7 @@ fn create_sql_db(store: &str, db: &str) -> anyhow::Result<()> {
 }
 
 fn drop_sql_db(store: &str, db: &str) {
-    let sql = format!("DROP DATABASE IF EXISTS {db}");
-    let r = match store {
-        "postgres" => Command::new("psql")
-            .args([
-                "-h",
-                &env_or("STORE_HOST", "127.0.0.1"),
-                "-p",
-                &env_or("STORE_PORT", "5432"),
-                "-U",
-                &env_or("STORE_USER", "postgres"),
-                "-d",
-                "postgres",
-                "-c",
-                &sql,
-            ])
-            .env("PGPASSWORD", env_or("STORE_PASSWORD", ""))
-            .output(),
-        _ => Command::new("mysql")
-            .args([
-                "-h",
-                &env_or("STORE_HOST", "127.0.0.1"),
-                "-P",
-                &env_or("STORE_PORT", "3306"),
-                "-u",
-                &env_or("STORE_USER", "root"),
-                "-e",
-                &sql,
-            ])
-            .env("MYSQL_PWD", env_or("STORE_PASSWORD", ""))
-            .output(),
-    };
+    let r = sql_client(store, &format!("DROP DATABASE IF EXISTS {db}")).output();
     match r {
         Ok(o) if o.status.success() => {}
         Ok(o) => eprintln!(
