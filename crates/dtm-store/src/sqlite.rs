@@ -52,9 +52,14 @@ DROP INDEX IF EXISTS trans_global_due;
 CREATE INDEX IF NOT EXISTS trans_global_pending ON trans_global(next_cron_time)
   WHERE status = 'prepared' OR status = 'submitted' OR status = 'aborting';
 CREATE INDEX IF NOT EXISTS trans_global_create_time ON trans_global(create_time);
-CREATE TABLE IF NOT EXISTS trans_branch_op (
+-- Branches are keyed by their transaction's row id, not by gid: ids grow with time, so
+-- a new transaction's branch rows and their index entries are appended at the right
+-- edge of both b-trees instead of landing on a random index page (a random gid) that
+-- every commit would rewrite and every checkpoint copy. trans_branch_op was the old,
+-- gid-keyed table; `migrate_branches` moves its rows here.
+CREATE TABLE IF NOT EXISTS trans_branch (
   id INTEGER PRIMARY KEY,
-  gid TEXT NOT NULL,
+  global_id INTEGER NOT NULL,
   url TEXT NOT NULL,
   bin_data BLOB,
   branch_id TEXT NOT NULL,
@@ -64,7 +69,7 @@ CREATE TABLE IF NOT EXISTS trans_branch_op (
   rollback_time INTEGER,
   create_time INTEGER,
   update_time INTEGER,
-  UNIQUE (gid, branch_id, op)
+  UNIQUE (global_id, branch_id, op)
 );
 CREATE TABLE IF NOT EXISTS kv (
   id INTEGER PRIMARY KEY,
@@ -79,7 +84,8 @@ CREATE TABLE IF NOT EXISTS kv (
 "#;
 
 const GLOBAL_COLS: &str = "id, gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason";
-const BRANCH_COLS: &str = "id, gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time";
+/// Columns of a branch as `branch_from_row` reads them; the gid is the query's `?1`.
+const BRANCH_COLS: &str = "b.id, ?1, b.url, b.bin_data, b.branch_id, b.op, b.status, b.finish_time, b.rollback_time, b.create_time, b.update_time";
 const KV_COLS: &str = "id, cat, k, v, version, create_time, update_time";
 /// Must stay the same expression as the condition of `trans_global_pending`, so that the
 /// planner uses that index.
@@ -89,7 +95,9 @@ const UNFINISHED: &str = "(status = 'prepared' OR status = 'submitted' OR status
 /// with that clause SQLite (built with STAT4) re-prepares the statement every time `?1`
 /// is bound to a new gid, which made a query cost ~100k instructions more.
 fn find_branches_sql() -> String {
-    format!("SELECT {BRANCH_COLS} FROM trans_branch_op WHERE gid = ?1")
+    format!(
+        "SELECT {BRANCH_COLS} FROM trans_branch b WHERE b.global_id = (SELECT id FROM trans_global WHERE gid = ?1)"
+    )
 }
 
 fn ms(t: &Option<DateTime<Utc>>) -> Option<i64> {
@@ -251,6 +259,7 @@ impl SqliteStore {
             })
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        migrate_branches(&conn)?;
         conn.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = std::thread::Builder::new()
@@ -307,6 +316,37 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
     }
+}
+
+/// Move the branches of a store written by an earlier version (table `trans_branch_op`,
+/// keyed by gid) into `trans_branch`, keeping their ids and so their order, in one
+/// transaction: a crash leaves either the old table or the new rows. Branch rows whose
+/// transaction is gone (none are written so) are dropped with the old table.
+fn migrate_branches(conn: &Connection) -> Result<(), StoreError> {
+    let old: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'trans_branch_op'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    if old == 0 {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         INSERT INTO trans_branch (id, global_id, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time)
+           SELECT b.id, g.id, b.url, b.bin_data, b.branch_id, b.op, b.status, b.finish_time, b.rollback_time, b.create_time, b.update_time
+           FROM trans_branch_op b JOIN trans_global g ON g.gid = b.gid ORDER BY b.id;
+         DROP TABLE trans_branch_op;
+         COMMIT;",
+    )
+    .map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        StoreError::Unavailable(format!(
+            "cannot move the branches of this store to the current layout (table trans_branch_op to trans_branch): {e}; the file is unchanged"
+        ))
+    })
 }
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
@@ -413,15 +453,16 @@ fn apply_batch_savepoints(
     }
 }
 
-fn insert_branches(c: &Connection, branches: &[Branch]) -> Result<(), StoreError> {
+/// Insert the branches of the transaction whose `trans_global` row id is `global_id`.
+fn insert_branches(c: &Connection, global_id: i64, branches: &[Branch]) -> Result<(), StoreError> {
     let mut stmt = c
         .prepare_cached(
-            "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO trans_branch (global_id, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(db_err)?;
     for b in branches {
         stmt.execute(params![
-            b.gid,
+            global_id,
             b.url,
             b.bin_data,
             b.branch_id,
@@ -437,17 +478,17 @@ fn insert_branches(c: &Connection, branches: &[Branch]) -> Result<(), StoreError
     Ok(())
 }
 
-fn update_branches(c: &Connection, gid: &str, ups: &[BranchUpdate]) -> Result<(), StoreError> {
+fn update_branches(c: &Connection, global_id: i64, ups: &[BranchUpdate]) -> Result<(), StoreError> {
     let mut stmt = c
         .prepare_cached(
-            "UPDATE trans_branch_op SET status = ?1, finish_time = ?2, update_time = ?2 WHERE gid = ?3 AND branch_id = ?4 AND op = ?5",
+            "UPDATE trans_branch SET status = ?1, finish_time = ?2, update_time = ?2 WHERE global_id = ?3 AND branch_id = ?4 AND op = ?5",
         )
         .map_err(db_err)?;
     for u in ups {
         stmt.execute(params![
             u.status,
             u.time.timestamp_millis(),
-            gid,
+            global_id,
             u.branch_id,
             u.op
         ])
@@ -490,7 +531,7 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
             if n == 0 {
                 return Err(StoreError::UniqueConflict);
             }
-            insert_branches(c, branches)?;
+            insert_branches(c, c.last_insert_rowid(), branches)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::AddBranches {
@@ -498,16 +539,16 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
             expect_status,
             branches,
         } => {
-            let st: Option<String> = c
-                .prepare_cached("SELECT status FROM trans_global WHERE gid = ?1")
+            let row: Option<(i64, String)> = c
+                .prepare_cached("SELECT id, status FROM trans_global WHERE gid = ?1")
                 .map_err(db_err)?
-                .query_row(params![gid], |r| r.get(0))
+                .query_row(params![gid], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()
                 .map_err(db_err)?;
-            if st.as_deref() != Some(expect_status.as_str()) {
-                return Err(StoreError::NotFound);
+            match row {
+                Some((id, st)) if st == *expect_status => insert_branches(c, id, branches)?,
+                _ => return Err(StoreError::NotFound),
             }
-            insert_branches(c, branches)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::UpdateGlobal {
@@ -525,15 +566,19 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
                 sql.push_str(" AND owner = ?");
                 vals.push(Sql::Text(o.clone()));
             }
-            let n = c
+            sql.push_str(" RETURNING id");
+            let id: Option<i64> = c
                 .prepare_cached(&sql)
                 .map_err(db_err)?
-                .execute(params_from_iter(vals))
+                .query_row(params_from_iter(vals), |r| r.get(0))
+                .optional()
                 .map_err(db_err)?;
-            if n == 0 {
+            let Some(id) = id else {
                 return Err(StoreError::NotFound);
+            };
+            if !branches.is_empty() {
+                update_branches(c, id, branches)?;
             }
-            update_branches(c, gid, branches)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::ResetNextCronTime { gid, now } => {
@@ -642,27 +687,27 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
 }
 
 fn purge(c: &Connection, before: i64, limit: usize) -> Result<WriteOutcome, StoreError> {
-    let gids: Vec<String> = c
+    let ids: Vec<i64> = c
         .prepare_cached(
-            "SELECT gid FROM trans_global WHERE status IN ('succeed', 'failed') AND update_time < ?1 LIMIT ?2",
+            "SELECT id FROM trans_global WHERE status IN ('succeed', 'failed') AND update_time < ?1 LIMIT ?2",
         )
         .map_err(db_err)?
         .query_map(params![before, limit as i64], |r| r.get(0))
         .map_err(db_err)?
         .collect::<Result<_, _>>()
         .map_err(db_err)?;
-    for g in &gids {
-        c.prepare_cached("DELETE FROM trans_branch_op WHERE gid = ?1")
+    for id in &ids {
+        c.prepare_cached("DELETE FROM trans_branch WHERE global_id = ?1")
             .map_err(db_err)?
-            .execute(params![g])
+            .execute(params![id])
             .map_err(db_err)?;
-        c.prepare_cached("DELETE FROM trans_global WHERE gid = ?1")
+        c.prepare_cached("DELETE FROM trans_global WHERE id = ?1")
             .map_err(db_err)?
-            .execute(params![g])
+            .execute(params![id])
             .map_err(db_err)?;
     }
     Ok(WriteOutcome::Reset {
-        count: gids.len() as i64,
+        count: ids.len() as i64,
         has_remaining: false,
     })
 }
@@ -904,7 +949,7 @@ mod tests {
         let w = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
         w.execute_batch(
             "INSERT INTO trans_global (gid, trans_type, status) VALUES ('a', 'saga', 'submitted'), ('b', 'saga', 'submitted');
-             INSERT INTO trans_branch_op (gid, url, branch_id, op, status) VALUES ('a', 'u', '01', 'action', 'prepared'), ('b', 'u', '01', 'action', 'prepared');",
+             INSERT INTO trans_branch (global_id, url, branch_id, op, status) SELECT id, 'u', '01', 'action', 'prepared' FROM trans_global;",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let c = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -954,5 +999,106 @@ mod tests {
         );
         drop(c);
         drop(store);
+    }
+
+    /// A store file of the earlier layout (branches in `trans_branch_op`, keyed by gid)
+    /// opens with every branch still there, in its order, with its state; orphan rows
+    /// are dropped; writes then go to the new table.
+    #[tokio::test]
+    async fn branches_of_the_earlier_layout_are_moved_on_open() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("old.sqlite");
+        let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let globals = &SCHEMA[..SCHEMA
+            .find("-- Branches are keyed")
+            .unwrap_or_else(|| panic!("schema"))];
+        c.execute_batch(globals).unwrap_or_else(|e| panic!("{e}"));
+        c.execute_batch(
+            "CREATE TABLE trans_branch_op (id INTEGER PRIMARY KEY, gid TEXT NOT NULL, url TEXT NOT NULL, bin_data BLOB, branch_id TEXT NOT NULL, op TEXT NOT NULL, status TEXT NOT NULL, finish_time INTEGER, rollback_time INTEGER, create_time INTEGER, update_time INTEGER, UNIQUE (gid, branch_id, op));
+             INSERT INTO trans_global (gid, trans_type, status) VALUES ('g1', 'saga', 'submitted'), ('g2', 'tcc', 'succeed');
+             INSERT INTO trans_branch_op (id, gid, url, bin_data, branch_id, op, status, finish_time) VALUES
+               (7, 'g2', 'http://x/confirm', NULL, '01', 'confirm', 'succeed', 5000),
+               (3, 'g1', 'http://x/out', X'7b7d', '01', 'action', 'succeed', 4000),
+               (2, 'g1', 'http://x/out-r', X'7b7d', '01', 'compensate', 'prepared', NULL),
+               (9, 'gone', 'http://x/y', NULL, '01', 'action', 'prepared', NULL);",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        drop(c);
+        let store = SqliteStore::open(&path, Sync::Normal).unwrap_or_else(|e| panic!("{e}"));
+        let b1 = store
+            .find_branches("g1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let got: Vec<_> = b1
+            .iter()
+            .map(|b| {
+                (
+                    b.id,
+                    b.gid.as_str(),
+                    b.op.as_str(),
+                    b.status.as_str(),
+                    b.bin_data.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, "g1", "compensate", "prepared", b"{}".to_vec()),
+                (3, "g1", "action", "succeed", b"{}".to_vec()),
+            ]
+        );
+        assert_eq!(b1[1].finish_time.map(|t| t.timestamp_millis()), Some(4000));
+        let b2 = store
+            .find_branches("g2")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b2.len(), 1);
+        assert_eq!(
+            (b2[0].url.as_str(), b2[0].status.as_str()),
+            ("http://x/confirm", "succeed")
+        );
+        assert!(
+            store
+                .find_branches("gone")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .is_empty()
+        );
+        let more = Branch {
+            gid: "g1".into(),
+            url: "http://x/in".into(),
+            branch_id: "02".into(),
+            op: "action".into(),
+            status: "prepared".into(),
+            ..Branch::default()
+        };
+        store
+            .write(WriteOp::AddBranches {
+                gid: "g1".into(),
+                expect_status: "submitted".into(),
+                branches: vec![more],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ids: Vec<i64> = store
+            .find_branches("g1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(ids.len(), 3);
+        assert!(ids[2] > 7, "new rows come after every kept old id: {ids:?}");
+        store.close().await;
+        let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let old: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'trans_branch_op'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(old, 0);
     }
 }
