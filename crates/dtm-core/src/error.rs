@@ -28,9 +28,18 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A FAILURE error whose text ends in exactly one ` FAILURE`, as dtm's
+    /// `ErrorMessage2Error` makes it.
     pub fn failure(msg: impl std::fmt::Display) -> ApiError {
-        ApiError::Failure(format!("{msg} FAILURE"))
+        ApiError::Failure(failure_text(&msg.to_string()))
     }
+}
+
+/// `msg` ending in exactly one ` FAILURE` (dtm's `ErrorMessage2Error(msg, ErrFailure)`):
+/// a branch's FAILURE text and the rollback reason made from it read as dtm's do, and
+/// passing one through again does not repeat the word.
+pub fn failure_text(msg: &str) -> String {
+    format!("{} FAILURE", msg.strip_suffix(" FAILURE").unwrap_or(msg))
 }
 
 impl From<StoreError> for ApiError {
@@ -42,5 +51,19 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::NotFound("storage: NotFound".into()),
             StoreError::UniqueConflict => ApiError::Failure("storage: UniqueKeyConflict".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failure_text_ends_in_one_failure() {
+        assert_eq!(super::failure_text("no money"), "no money FAILURE");
+        assert_eq!(super::failure_text("no money FAILURE"), "no money FAILURE");
+        assert_eq!(super::failure_text("FAILURE"), "FAILURE FAILURE");
+        assert_eq!(
+            super::ApiError::failure("x FAILURE").to_string(),
+            "x FAILURE"
+        );
     }
 }

@@ -312,6 +312,18 @@ async fn saga_wait_result_answers_the_outcome() -> R {
     );
     assert_eq!(s.status(&gid).await?, "failed");
     assert_eq!(s.branches(&gid).await?, "sssf");
+    // dtm's texts: `url:<url> return failed: <answer> FAILURE`, FAILURE once; the 409
+    // carries the same text
+    let (t, _) = s.query(&gid).await?;
+    let reason = t["rollback_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.starts_with("url:")
+            && reason.contains(" return failed: ")
+            && reason.ends_with(" FAILURE")
+            && !reason.ends_with("FAILURE FAILURE"),
+        "{reason}"
+    );
+    assert_eq!(v["message"], reason, "{v}");
 
     // ongoing: an error, the saga stays submitted and later succeeds
     let gid = s.new_gid().await?;

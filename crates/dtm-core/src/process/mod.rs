@@ -281,7 +281,10 @@ impl<'a> Ctx<'a> {
                 let base = self.base();
                 let interval = self.g.next_cron_interval;
                 self.maybe_alert(base, interval, true).await;
-                Ok(PassEnd::Failure(format!("url:{url} return failed: {m}")))
+                Ok(PassEnd::Failure(format!(
+                    "url:{url} return failed: {}",
+                    crate::error::failure_text(m)
+                )))
             }
             BranchOutcome::Error(m) => {
                 self.touch(Sched::Backoff).await?;
@@ -335,6 +338,10 @@ pub(crate) async fn exec(co: &Coordinator, call: BranchCall) -> BranchOutcome {
     let out = co.caller.call(&call).await;
     co.stats.branch(&out);
     tracing::debug!(gid = %call.gid, branch_id = %call.branch_id, op = %call.op, url = %call.url, outcome = out.label(), "branch called");
+    if let BranchOutcome::Error(m) = &out {
+        tracing::warn!(gid = %call.gid, branch_id = %call.branch_id, op = %call.op, url = %call.url,
+            "branch call failed; it is retried with backoff: {m}");
+    }
     if let BranchOutcome::Failure(m) = &out
         && !(call.trans_type == trans_type::SAGA && call.op == dtm_proto::op::ACTION)
         && call.op != dtm_proto::op::MSG
