@@ -199,7 +199,47 @@ pub struct SqliteStore {
     writer: Mutex<Option<mpsc::UnboundedSender<Job>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     checkpointer: Mutex<Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>>,
-    readers: Arc<Mutex<Vec<Connection>>>,
+    /// The queue of the reader threads (`reader_loop`); None once closed.
+    readers: Mutex<Option<std::sync::mpsc::Sender<ReadJob>>>,
+}
+
+/// Reader threads, each with its own read-only connection. A fixed set: a burst of
+/// queries queues for them rather than holding hundreds of blocking threads, each with
+/// a connection of its own (schema parsed, page cache filled) to open and drop.
+const READERS: usize = 4;
+
+/// A read, run on a reader thread with its connection (or the error opening it).
+type ReadJob = Box<dyn FnOnce(Result<&Connection, StoreError>) + Send>;
+
+fn reader_loop(path: PathBuf, jobs: Arc<Mutex<std::sync::mpsc::Receiver<ReadJob>>>) {
+    let mut conn: Option<Connection> = None;
+    loop {
+        // one thread waits in recv while holding the lock; the rest wait for the lock
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else {
+            return; // the store was closed
+        };
+        if conn.is_none() {
+            match Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .and_then(|c| c.execute_batch("PRAGMA busy_timeout=5000;").map(|_| c))
+            {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    job(Err(db_err(e)));
+                    continue;
+                }
+            }
+        }
+        if let Some(c) = &conn {
+            job(Ok(c));
+        }
+    }
 }
 
 /// WAL size (pages) at which the writer checkpoints itself after a commit. The
@@ -274,12 +314,23 @@ impl SqliteStore {
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot start the checkpointer thread: {e}"))
             })?;
+        let (read_tx, read_rx) = std::sync::mpsc::channel::<ReadJob>();
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        for i in 0..READERS {
+            let (p, rx) = (path.to_path_buf(), Arc::clone(&read_rx));
+            std::thread::Builder::new()
+                .name(format!("dtm-sqlite-read{i}"))
+                .spawn(move || reader_loop(p, rx))
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot start a reader thread: {e}"))
+                })?;
+        }
         Ok(SqliteStore {
             path: path.to_path_buf(),
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(Some((stop, ckpt))),
-            readers: Arc::new(Mutex::new(Vec::new())),
+            readers: Mutex::new(Some(read_tx)),
         })
     }
 
@@ -288,33 +339,20 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let path = self.path.clone();
-        let pool = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || {
-            let conn = pool.lock().ok().and_then(|mut p| p.pop());
-            let conn = match conn {
-                Some(c) => c,
-                None => {
-                    let c = Connection::open_with_flags(
-                        &path,
-                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                    )
-                    .map_err(db_err)?;
-                    c.execute_batch("PRAGMA busy_timeout=5000;")
-                        .map_err(db_err)?;
-                    c
-                }
-            };
-            let out = f(&conn).map_err(db_err);
-            if let Ok(mut p) = pool.lock()
-                && p.len() < 16
-            {
-                p.push(conn);
-            }
-            out
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+        let (reply, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |c| {
+            let _ = reply.send(c.and_then(|c| f(c).map_err(db_err)));
+        });
+        let sent = self
+            .readers
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|tx| tx.send(job).is_ok()));
+        if sent != Some(true) {
+            return Err(StoreError::Unavailable("the store is shutting down".into()));
+        }
+        rx.await
+            .map_err(|_| StoreError::Unavailable("a store reader has stopped".into()))?
     }
 }
 
@@ -886,6 +924,9 @@ impl Store for SqliteStore {
         if let Ok(mut w) = self.writer.lock() {
             w.take();
         }
+        if let Ok(mut r) = self.readers.lock() {
+            r.take();
+        }
         let ckpt = self.checkpointer.lock().ok().and_then(|mut h| h.take());
         if let Some((stop, h)) = ckpt {
             stop.store(true, Ordering::Relaxed);
@@ -900,6 +941,10 @@ impl Store for SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
+        // the reader threads end when the queue's sender is gone
+        if let Ok(mut r) = self.readers.lock() {
+            r.take();
+        }
         if let Ok(c) = self.checkpointer.lock()
             && let Some((stop, _)) = c.as_ref()
         {
@@ -1101,5 +1146,62 @@ mod tests {
             )
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(old, 0);
+    }
+
+    /// A burst of reads runs at most READERS at once, on the READERS reader threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_burst_of_reads_is_bounded() {
+        use std::collections::HashSet;
+        use std::sync::atomic::AtomicUsize;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Arc::new(
+            SqliteStore::open(&dir.path().join("r.sqlite"), Sync::Normal)
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let now = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let threads = Arc::new(Mutex::new(HashSet::new()));
+        let mut tasks = Vec::new();
+        for _ in 0..(READERS * 12) {
+            let (store, now, most, threads) = (
+                Arc::clone(&store),
+                Arc::clone(&now),
+                Arc::clone(&most),
+                Arc::clone(&threads),
+            );
+            tasks.push(tokio::spawn(async move {
+                store
+                    .read(move |c| {
+                        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(n, Ordering::SeqCst);
+                        if let Ok(mut t) = threads.lock() {
+                            t.insert(std::thread::current().id());
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        c.query_row("SELECT count(*) FROM trans_global", [], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                    })
+                    .await
+            }));
+        }
+        for t in tasks {
+            let n = t
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(n, 0);
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=READERS).contains(&most), "{most} reads ran at once");
+        let used = threads.lock().map(|t| t.len()).unwrap_or(usize::MAX);
+        assert!((1..=READERS).contains(&used), "reads ran on {used} threads");
+        store.close().await;
+        let after = store.find_global("x").await;
+        assert!(
+            matches!(&after, Err(StoreError::Unavailable(m)) if m.contains("shutting down")),
+            "{after:?}"
+        );
     }
 }
