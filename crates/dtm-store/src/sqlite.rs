@@ -222,23 +222,22 @@ fn reader_loop(path: PathBuf, jobs: Arc<Mutex<std::sync::mpsc::Receiver<ReadJob>
         let Ok(job) = job else {
             return; // the store was closed
         };
-        if conn.is_none() {
-            match Connection::open_with_flags(
+        let c = match conn {
+            Some(ref c) => c,
+            None => match Connection::open_with_flags(
                 &path,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .and_then(|c| c.execute_batch("PRAGMA busy_timeout=5000;").map(|_| c))
             {
-                Ok(c) => conn = Some(c),
+                Ok(c) => conn.insert(c),
                 Err(e) => {
                     job(Err(db_err(e)));
                     continue;
                 }
-            }
-        }
-        if let Some(c) = &conn {
-            job(Ok(c));
-        }
+            },
+        };
+        job(Ok(c));
     }
 }
 
@@ -516,12 +515,30 @@ fn insert_branches(c: &Connection, global_id: i64, branches: &[Branch]) -> Resul
     Ok(())
 }
 
-/// Not with `UPDATE .. RETURNING id` on the global: SQLite collects RETURNING rows in
-/// a temporary table whose page cache it allocates and frees per statement (glibc then
-/// returned the memory with madvise and a TLB flush on every core: 15% of the writer).
-const UPDATE_BRANCH: &str = "UPDATE trans_branch SET status = ?1, finish_time = ?2, update_time = ?2 WHERE global_id = (SELECT id FROM trans_global WHERE gid = ?3) AND branch_id = ?4 AND op = ?5";
+const UPDATE_BRANCH: &str = "UPDATE trans_branch SET status = ?1, finish_time = ?2, update_time = ?2 WHERE global_id = ?3 AND branch_id = ?4 AND op = ?5";
 
-fn update_branches(c: &Connection, gid: &str, ups: &[BranchUpdate]) -> Result<(), StoreError> {
+/// The guarded update of the global with row id `id`. Its id is looked up first, not
+/// taken from `UPDATE .. RETURNING id`: SQLite collects RETURNING rows in a temporary
+/// table whose page cache it allocates and frees per statement (glibc then returned the
+/// memory with madvise and a TLB flush on every core: 15% of the writer).
+fn update_global_sql(
+    set: &GlobalUpdate,
+    id: i64,
+    expect_status: &str,
+    expect_owner: Option<&str>,
+) -> (String, Vec<Sql>) {
+    let (cols, mut vals) = update_sql(set);
+    let mut sql = format!("UPDATE trans_global SET {cols} WHERE id = ? AND status = ?");
+    vals.push(Sql::Integer(id));
+    vals.push(Sql::Text(expect_status.to_string()));
+    if let Some(o) = expect_owner {
+        sql.push_str(" AND owner = ?");
+        vals.push(Sql::Text(o.to_string()));
+    }
+    (sql, vals)
+}
+
+fn update_branches(c: &Connection, global_id: i64, ups: &[BranchUpdate]) -> Result<(), StoreError> {
     if ups.is_empty() {
         return Ok(());
     }
@@ -530,7 +547,7 @@ fn update_branches(c: &Connection, gid: &str, ups: &[BranchUpdate]) -> Result<()
         stmt.execute(params![
             u.status,
             u.time.timestamp_millis(),
-            gid,
+            global_id,
             u.branch_id,
             u.op
         ])
@@ -600,14 +617,15 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
             set,
             branches,
         } => {
-            let (sql, mut vals) = update_sql(set);
-            let mut sql = format!("UPDATE trans_global SET {sql} WHERE gid = ? AND status = ?");
-            vals.push(Sql::Text(gid.clone()));
-            vals.push(Sql::Text(expect_status.clone()));
-            if let Some(o) = expect_owner {
-                sql.push_str(" AND owner = ?");
-                vals.push(Sql::Text(o.clone()));
-            }
+            // the gid is looked up once; the global and its branches are then found by id
+            let id: i64 = c
+                .prepare_cached("SELECT id FROM trans_global WHERE gid = ?1")
+                .map_err(db_err)?
+                .query_row(params![gid], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?
+                .ok_or(StoreError::NotFound)?;
+            let (sql, vals) = update_global_sql(set, id, expect_status, expect_owner.as_deref());
             let n = c
                 .prepare_cached(&sql)
                 .map_err(db_err)?
@@ -616,7 +634,7 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
             if n == 0 {
                 return Err(StoreError::NotFound);
             }
-            update_branches(c, gid, branches)?;
+            update_branches(c, id, branches)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::ResetNextCronTime { gid, now } => {
@@ -1024,8 +1042,17 @@ mod tests {
         let store = SqliteStore::open(&path, Sync::Normal).unwrap_or_else(|e| panic!("{e}"));
         let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let insert = "INSERT INTO trans_global (gid, trans_type, status, next_cron_time) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (gid) DO NOTHING";
-        let update = "UPDATE trans_global SET update_time = ?, status = ?, next_cron_time = ? WHERE gid = ? AND status = ? AND owner = ?";
-        for (sql, n) in [(insert, 4), (update, 6), (UPDATE_BRANCH, 5)] {
+        let set = GlobalUpdate {
+            status: Some("succeed".into()),
+            next_cron_time: Some(Utc::now()),
+            ..GlobalUpdate::default()
+        };
+        let (update, vals) = update_global_sql(&set, 1, "submitted", Some("node"));
+        for (sql, n) in [
+            (insert, 4),
+            (update.as_str(), vals.len()),
+            (UPDATE_BRANCH, 5),
+        ] {
             let ops = opcodes(&c, sql, n);
             assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{sql}: {ops:?}");
         }
