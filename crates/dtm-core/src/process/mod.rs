@@ -281,10 +281,7 @@ impl<'a> Ctx<'a> {
                 let base = self.base();
                 let interval = self.g.next_cron_interval;
                 self.maybe_alert(base, interval, true).await;
-                Ok(PassEnd::Failure(format!(
-                    "url:{url} return failed: {}",
-                    crate::error::failure_text(m)
-                )))
+                Ok(PassEnd::Failure(failed_reason(url, m)))
             }
             BranchOutcome::Error(m) => {
                 self.touch(Sched::Backoff).await?;
@@ -327,6 +324,15 @@ impl<'a> Ctx<'a> {
             tracing::warn!(gid = %self.g.gid, "alert webhook {hook} failed: {e}");
         }
     }
+}
+
+/// dtm's text for a branch that answered FAILURE: `url:<url> return failed: <answer>
+/// FAILURE`, the word once (a failed saga's rollback reason).
+pub(crate) fn failed_reason(url: &str, answer: &str) -> String {
+    format!(
+        "url:{url} return failed: {}",
+        crate::error::failure_text(answer)
+    )
 }
 
 /// Call a branch; an empty URL is an immediate success. Borrows only the coordinator, so

@@ -172,10 +172,7 @@ pub(crate) async fn process(ctx: &mut Ctx<'_>) -> Result<PassEnd, Stop> {
                 BranchOutcome::Success => ctx.set_branch(steps[i].action, status::SUCCEED),
                 BranchOutcome::Failure(m) => {
                     ctx.set_branch(steps[i].action, status::FAILED);
-                    failure = Some(format!(
-                        "url:{url} return failed: {}",
-                        crate::error::failure_text(&m)
-                    ));
+                    failure = Some(super::failed_reason(&url, &m));
                 }
                 other if limit > 0 => {
                     if retries[i] < limit {
