@@ -655,6 +655,99 @@ async fn saves_in_one_batch(s: Arc<dyn Store>) -> R {
     Ok(())
 }
 
+/// Inserts and guarded updates of distinct transactions issued together and nothing else
+/// (on Postgres one statement in autocommit mode): an insert of an existing gid and the
+/// updates whose guard fails change nothing, not their branches either; every other
+/// insert is stored whole with its branches in order, every other update with its
+/// branch changes.
+async fn saves_and_updates_in_one_group(s: Arc<dyn Store>) -> R {
+    let t = now();
+    let t2 = t + Duration::milliseconds(500);
+    let old = gid("gold");
+    save(&*s, global(&old, "prepared", t), saga_branches(&old, t)).await?;
+    let upd: Vec<String> = (0..6).map(|i| gid(&format!("gu{i}"))).collect();
+    for g in &upd {
+        save(&*s, global(g, "submitted", t), saga_branches(g, t)).await?;
+    }
+    let (mut ops, mut want, mut stored) = (vec![], vec![], vec![]);
+    for i in 0..12 {
+        if i % 2 == 1 {
+            // an update; every third one expects a status it does not have
+            let g = &upd[i / 2];
+            let ok = (i / 2) % 3 != 0;
+            ops.push(WriteOp::UpdateGlobal {
+                gid: g.clone(),
+                expect_status: if ok { "submitted" } else { "prepared" }.into(),
+                expect_owner: None,
+                set: set_status("succeed", t2),
+                branches: vec![BranchUpdate {
+                    branch_id: "02".into(),
+                    op: "action".into(),
+                    status: "succeed".into(),
+                    time: t2,
+                }],
+            });
+            want.push(if ok {
+                Ok(WriteOutcome::Done)
+            } else {
+                Err(StoreError::NotFound)
+            });
+            continue;
+        }
+        let g = if i == 4 {
+            old.clone()
+        } else {
+            gid(&format!("gs{i}"))
+        };
+        let gl = global(&g, "submitted", t);
+        let bs = saga_branches(&g, t);
+        ops.push(WriteOp::SaveNew {
+            global: gl.clone(),
+            branches: bs.clone(),
+        });
+        if i == 4 {
+            want.push(Err(StoreError::UniqueConflict));
+        } else {
+            want.push(Ok(WriteOutcome::Done));
+            stored.push((gl, bs));
+        }
+    }
+    assert_eq!(together(&s, ops).await?, want);
+    for (gl, bs) in stored {
+        let got = s
+            .find_global(&gl.gid)
+            .await?
+            .ok_or("saved global not found")?;
+        assert_eq!(TransGlobal { id: got.id, ..gl }, got);
+        let gb = s.find_branches(&got.gid).await?;
+        let gb: Vec<Branch> = gb.into_iter().map(|b| Branch { id: 0, ..b }).collect();
+        assert_eq!(gb, bs, "branches of {}", got.gid);
+    }
+    let o = s.find_global(&old).await?.ok_or("gone")?;
+    assert_eq!(o.status, "prepared");
+    let ob: Vec<Branch> = s.find_branches(&old).await?;
+    let ob: Vec<Branch> = ob.into_iter().map(|b| Branch { id: 0, ..b }).collect();
+    assert_eq!(ob, saga_branches(&old, t), "branches of the existing gid");
+    for (k, g) in upd.iter().enumerate() {
+        let ok = k % 3 != 0;
+        let got = s.find_global(g).await?.ok_or("gone")?;
+        assert_eq!(got.status, if ok { "succeed" } else { "submitted" }, "{g}");
+        let st: Vec<String> = s
+            .find_branches(g)
+            .await?
+            .into_iter()
+            .map(|b| b.status)
+            .collect();
+        let want = if ok {
+            ["prepared", "prepared", "prepared", "succeed"]
+        } else {
+            ["prepared", "prepared", "prepared", "prepared"]
+        };
+        assert_eq!(st, want, "branches of {g}");
+    }
+    Ok(())
+}
+
 /// An insert and the updates of the same transaction issued together apply in order, each
 /// with its own guard; updates of other transactions and other kinds of writes in between
 /// do not disturb them.
@@ -1305,6 +1398,8 @@ async fn conformance_with(s: Arc<dyn Store>, backend: Backend, redis: Option<&Re
     };
     flush().await?;
     saves_in_one_batch(Arc::clone(&s)).await?;
+    flush().await?;
+    saves_and_updates_in_one_group(Arc::clone(&s)).await?;
     flush().await?;
     save_and_updates_of_one_gid_in_one_batch(Arc::clone(&s)).await?;
     flush().await?;

@@ -1,7 +1,7 @@
 //! The hot ops of a batch written together: the `SaveNew`s of a group as one insert of
 //! their globals and one of their branches, the `UpdateGlobal`s as one guarded update of
 //! their globals and one of their branch rows. A batch then costs a few statements (round
-//! trips) whatever the number of its ops, instead of two or three per op.
+//! trips) whatever the number of its ops, instead of two or three per op (one on Postgres).
 //!
 //! A group holds ops on distinct gids only (the batch runner starts a new group when a
 //! gid comes again, and runs other op kinds on their own: those of one gid before the
@@ -9,10 +9,12 @@
 //! ops are independent and the order inside a group does not matter; each op keeps its
 //! own result.
 //!
-//! - **Postgres**: arrays bound as one parameter each, `UNNEST`ed, so every statement has
-//!   one text (one prepared statement) whatever the number of rows. `ON CONFLICT (gid) DO
-//!   NOTHING RETURNING gid` tells which globals were inserted; `UPDATE ... FROM UNNEST(..)
-//!   ... RETURNING gid` which guards held.
+//! - **Postgres**: arrays bound as one parameter each, `UNNEST`ed, so the statement has
+//!   one text (one prepared statement) whatever the number of rows, and a whole group is
+//!   one statement ([`PG_GROUP`]): `ON CONFLICT (gid) DO NOTHING RETURNING gid` tells
+//!   which globals were inserted, `UPDATE ... FROM UNNEST(..) ... RETURNING gid` which
+//!   guards held, and the branch rows follow those only. A batch that is one group is
+//!   then one round trip in autocommit mode.
 //! - **MySQL/MariaDB**: no arrays and no `RETURNING` on UPDATE: one `SELECT gid ... IN`
 //!   finds the gids that exist, multi-row INSERTs add the rest; one `UNION ALL` of guarded
 //!   `SELECT ... FOR UPDATE` lookups finds (and locks) the rows to change, one UPDATE
@@ -144,23 +146,17 @@ pub(crate) async fn apply_group(
             }
         }
     }
-    if !saves.is_empty() {
-        match c.dialect() {
-            Dialect::Postgres => pg_save(c, &saves, &mut out).await?,
-            Dialect::MySql => {
-                for chunk in saves.chunks(MYSQL_OPS) {
-                    my_save(c, chunk, ops, &mut out).await?;
-                }
-            }
+    match c.dialect() {
+        Dialect::Postgres if !saves.is_empty() || !upds.is_empty() => {
+            pg_group(c, &saves, &upds, &mut out).await?
         }
-    }
-    if !upds.is_empty() {
-        match c.dialect() {
-            Dialect::Postgres => pg_update(c, &upds, &mut out).await?,
-            Dialect::MySql => {
-                for chunk in upds.chunks(MYSQL_OPS) {
-                    my_update(c, chunk, ops, &mut out).await?;
-                }
+        Dialect::Postgres => {}
+        Dialect::MySql => {
+            for chunk in saves.chunks(MYSQL_OPS) {
+                my_save(c, chunk, ops, &mut out).await?;
+            }
+            for chunk in upds.chunks(MYSQL_OPS) {
+                my_update(c, chunk, ops, &mut out).await?;
             }
         }
     }
@@ -206,207 +202,198 @@ fn last_wins(ups: &[BranchUpdate]) -> Vec<&BranchUpdate> {
 
 // ---------------------------------------------------------------------------- Postgres
 
-const PG_SAVE_GLOBALS: &str = "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) SELECT * FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::text[], ?::text[], ?::int8[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[]) ON CONFLICT (gid) DO NOTHING RETURNING gid";
-
-const PG_SAVE_BRANCHES: &str = "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) SELECT * FROM UNNEST(?::text[], ?::text[], ?::bytea[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[])";
-
+/// The whole group in one statement (one round trip): data-modifying CTEs insert the new
+/// globals (`ng`, `ON CONFLICT (gid) DO NOTHING` tells which were new), the branches of
+/// those only (`nb`, in the order given), apply the guarded global updates (`ug`, the
+/// `RETURNING` tells whose guard held) and the branch updates of those only (`ub`). All
+/// four see one snapshot; that is sound because a group holds distinct gids, so no row is
+/// written twice. Rows come back as `i<gid>` (inserted) and `u<gid>` (updated).
+///
 /// `COLLATE "C"` (the same equality: collations here are deterministic) keeps the
 /// planner off the (status, next_cron_time) index, which a plan made on an empty table
 /// may otherwise pick over the unique gid index.
-const PG_UPDATE_GLOBALS: &str = "UPDATE trans_global g SET update_time = u.update_time, status = COALESCE(u.status, g.status), rollback_reason = COALESCE(u.rollback_reason, g.rollback_reason), result = COALESCE(u.result, g.result), custom_data = COALESCE(u.custom_data, g.custom_data), owner = COALESCE(u.owner, g.owner), finish_time = COALESCE(u.finish_time, g.finish_time), rollback_time = COALESCE(u.rollback_time, g.rollback_time), next_cron_time = COALESCE(u.next_cron_time, g.next_cron_time), next_cron_interval = COALESCE(u.next_cron_interval, g.next_cron_interval) FROM UNNEST(?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::int8[]) AS u(gid, expect_status, expect_owner, update_time, status, rollback_reason, result, custom_data, owner, finish_time, rollback_time, next_cron_time, next_cron_interval) WHERE g.gid = u.gid AND g.status COLLATE \"C\" = u.expect_status AND (u.expect_owner IS NULL OR g.owner = u.expect_owner) RETURNING g.gid";
+const PG_GROUP: &str = "WITH ng AS (\
+INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) \
+SELECT * FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::text[], ?::text[], ?::int8[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[]) \
+ON CONFLICT (gid) DO NOTHING RETURNING gid), \
+nb AS (\
+INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) \
+SELECT b.gid, b.url, b.bin_data, b.branch_id, b.op, b.status, b.finish_time, b.rollback_time, b.create_time, b.update_time \
+FROM UNNEST(?::text[], ?::text[], ?::bytea[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[]) WITH ORDINALITY \
+AS b(gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time, n) \
+WHERE b.gid IN (SELECT gid FROM ng) ORDER BY b.n), \
+ug AS (\
+UPDATE trans_global g SET update_time = u.update_time, status = COALESCE(u.status, g.status), rollback_reason = COALESCE(u.rollback_reason, g.rollback_reason), result = COALESCE(u.result, g.result), custom_data = COALESCE(u.custom_data, g.custom_data), owner = COALESCE(u.owner, g.owner), finish_time = COALESCE(u.finish_time, g.finish_time), rollback_time = COALESCE(u.rollback_time, g.rollback_time), next_cron_time = COALESCE(u.next_cron_time, g.next_cron_time), next_cron_interval = COALESCE(u.next_cron_interval, g.next_cron_interval) \
+FROM UNNEST(?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::int8[]) \
+AS u(gid, expect_status, expect_owner, update_time, status, rollback_reason, result, custom_data, owner, finish_time, rollback_time, next_cron_time, next_cron_interval) \
+WHERE g.gid = u.gid AND g.status COLLATE \"C\" = u.expect_status AND (u.expect_owner IS NULL OR g.owner = u.expect_owner) RETURNING g.gid), \
+ub AS (\
+UPDATE trans_branch_op b SET status = u.status, finish_time = u.t, update_time = u.t \
+FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[]) AS u(gid, branch_id, op, status, t) \
+WHERE b.gid = u.gid AND b.branch_id = u.branch_id AND b.op = u.op AND u.gid IN (SELECT gid FROM ug)) \
+SELECT 'i' || gid FROM ng UNION ALL SELECT 'u' || gid FROM ug";
 
-const PG_UPDATE_BRANCHES: &str = "UPDATE trans_branch_op b SET status = u.status, finish_time = u.t, update_time = u.t FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[]) AS u(gid, branch_id, op, status, t) WHERE b.gid = u.gid AND b.branch_id = u.branch_id AND b.op = u.op";
-
-async fn pg_save(
+/// The `SaveNew`s and `UpdateGlobal`s of a group with [`PG_GROUP`].
+async fn pg_group(
     c: &mut dyn Exec,
     saves: &[Save<'_>],
-    out: &mut [Option<OpResult>],
-) -> Result<(), DbError> {
-    let gs: Vec<&TransGlobal> = saves.iter().map(|s| s.g).collect();
-    let strs = |f: fn(&TransGlobal) -> &str| -> Vec<&str> { gs.iter().map(|g| f(g)).collect() };
-    let times = |f: fn(&TransGlobal) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
-        gs.iter().map(|g| trunc(f(g))).collect()
-    };
-    let (gid, trans_type, status, query_prepared, protocol) = (
-        strs(|g| &g.gid),
-        strs(|g| &g.trans_type),
-        strs(|g| &g.status),
-        strs(|g| &g.query_prepared),
-        strs(|g| &g.protocol),
-    );
-    let (create, update, finish, rollback) = (
-        times(|g| g.create_time),
-        times(|g| g.update_time),
-        times(|g| g.finish_time),
-        times(|g| g.rollback_time),
-    );
-    let (options, custom_data) = (strs(|g| &g.options), strs(|g| &g.custom_data));
-    let interval: Vec<Option<i64>> = gs
-        .iter()
-        .map(|g| Some(interval(g.next_cron_interval)))
-        .collect();
-    let next = times(|g| g.next_cron_time);
-    let (owner, ext_data, result, reason) = (
-        strs(|g| &g.owner),
-        strs(|g| &g.ext_data),
-        strs(|g| &g.result),
-        strs(|g| &g.rollback_reason),
-    );
-    let inserted: HashSet<String> = c
-        .texts(
-            PG_SAVE_GLOBALS,
-            &[
-                Val::Strs(&gid),
-                Val::Strs(&trans_type),
-                Val::Strs(&status),
-                Val::Strs(&query_prepared),
-                Val::Strs(&protocol),
-                Val::Times(&create),
-                Val::Times(&update),
-                Val::Times(&finish),
-                Val::Times(&rollback),
-                Val::Strs(&options),
-                Val::Strs(&custom_data),
-                Val::OptInts(&interval),
-                Val::Times(&next),
-                Val::Strs(&owner),
-                Val::Strs(&ext_data),
-                Val::Strs(&result),
-                Val::Strs(&reason),
-            ],
-        )
-        .await?
-        .into_iter()
-        .collect();
-    let mut bs: Vec<&Branch> = Vec::new();
-    for s in saves {
-        if inserted.contains(&s.g.gid) {
-            out[s.at] = Some(Ok(WriteOutcome::Done));
-            bs.extend(s.branches);
-        } else {
-            out[s.at] = Some(Err(StoreError::UniqueConflict));
-        }
-    }
-    if bs.is_empty() {
-        return Ok(());
-    }
-    let strs = |f: fn(&Branch) -> &str| -> Vec<&str> { bs.iter().map(|b| f(b)).collect() };
-    let times = |f: fn(&Branch) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
-        bs.iter().map(|b| trunc(f(b))).collect()
-    };
-    let bin: Vec<&[u8]> = bs.iter().map(|b| b.bin_data.as_slice()).collect();
-    let (gid, url, branch_id, op, status) = (
-        strs(|b| &b.gid),
-        strs(|b| &b.url),
-        strs(|b| &b.branch_id),
-        strs(|b| &b.op),
-        strs(|b| &b.status),
-    );
-    let (finish, rollback, create, update) = (
-        times(|b| b.finish_time),
-        times(|b| b.rollback_time),
-        times(|b| b.create_time),
-        times(|b| b.update_time),
-    );
-    c.exec(
-        PG_SAVE_BRANCHES,
-        &[
-            Val::Strs(&gid),
-            Val::Strs(&url),
-            Val::Blobs(&bin),
-            Val::Strs(&branch_id),
-            Val::Strs(&op),
-            Val::Strs(&status),
-            Val::Times(&finish),
-            Val::Times(&rollback),
-            Val::Times(&create),
-            Val::Times(&update),
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
-async fn pg_update(
-    c: &mut dyn Exec,
     upds: &[Upd<'_>],
     out: &mut [Option<OpResult>],
 ) -> Result<(), DbError> {
-    let strs = |f: for<'x> fn(&'x Upd<'x>) -> &'x str| -> Vec<&str> {
+    // new globals
+    let gs: Vec<&TransGlobal> = saves.iter().map(|s| s.g).collect();
+    let gstrs = |f: fn(&TransGlobal) -> &str| -> Vec<&str> { gs.iter().map(|g| f(g)).collect() };
+    let gtimes = |f: fn(&TransGlobal) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        gs.iter().map(|g| trunc(f(g))).collect()
+    };
+    let g_gid = gstrs(|g| &g.gid);
+    let g_type = gstrs(|g| &g.trans_type);
+    let g_status = gstrs(|g| &g.status);
+    let g_qp = gstrs(|g| &g.query_prepared);
+    let g_protocol = gstrs(|g| &g.protocol);
+    let g_create = gtimes(|g| g.create_time);
+    let g_update = gtimes(|g| g.update_time);
+    let g_finish = gtimes(|g| g.finish_time);
+    let g_rollback = gtimes(|g| g.rollback_time);
+    let g_options = gstrs(|g| &g.options);
+    let g_custom = gstrs(|g| &g.custom_data);
+    let g_interval: Vec<Option<i64>> = gs
+        .iter()
+        .map(|g| Some(interval(g.next_cron_interval)))
+        .collect();
+    let g_next = gtimes(|g| g.next_cron_time);
+    let g_owner = gstrs(|g| &g.owner);
+    let g_ext = gstrs(|g| &g.ext_data);
+    let g_result = gstrs(|g| &g.result);
+    let g_reason = gstrs(|g| &g.rollback_reason);
+    // their branches (inserted only where the global was)
+    let bs: Vec<&Branch> = saves.iter().flat_map(|s| s.branches.iter()).collect();
+    let bstrs = |f: fn(&Branch) -> &str| -> Vec<&str> { bs.iter().map(|b| f(b)).collect() };
+    let btimes = |f: fn(&Branch) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        bs.iter().map(|b| trunc(f(b))).collect()
+    };
+    let b_gid = bstrs(|b| &b.gid);
+    let b_url = bstrs(|b| &b.url);
+    let b_bin: Vec<&[u8]> = bs.iter().map(|b| b.bin_data.as_slice()).collect();
+    let b_branch = bstrs(|b| &b.branch_id);
+    let b_op = bstrs(|b| &b.op);
+    let b_status = bstrs(|b| &b.status);
+    let b_finish = btimes(|b| b.finish_time);
+    let b_rollback = btimes(|b| b.rollback_time);
+    let b_create = btimes(|b| b.create_time);
+    let b_update = btimes(|b| b.update_time);
+    // guarded updates
+    let ustrs = |f: for<'x> fn(&'x Upd<'x>) -> &'x str| -> Vec<&str> {
         upds.iter().map(|u| f(u)).collect()
     };
-    let opt_strs = |f: for<'x> fn(&'x Upd<'x>) -> Option<&'x str>| -> Vec<Option<&str>> {
+    let uopt = |f: for<'x> fn(&'x Upd<'x>) -> Option<&'x str>| -> Vec<Option<&str>> {
         upds.iter().map(|u| f(u)).collect()
     };
-    let times = |f: fn(&GlobalUpdate) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+    let utimes = |f: fn(&GlobalUpdate) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
         upds.iter().map(|u| trunc(f(u.set))).collect()
     };
-    let gid = strs(|u| u.gid);
-    let expect_status = strs(|u| u.expect_status);
-    let expect_owner = opt_strs(|u| u.expect_owner);
-    let update = times(|s| Some(s.update_time));
-    let status = opt_strs(|u| u.set.status.as_deref());
-    let reason = opt_strs(|u| u.set.rollback_reason.as_deref());
-    let result = opt_strs(|u| u.set.result.as_deref());
-    let custom_data = opt_strs(|u| u.set.custom_data.as_deref());
-    let owner = opt_strs(|u| u.set.owner.as_deref());
-    let finish = times(|s| s.finish_time);
-    let rollback = times(|s| s.rollback_time);
-    let next = times(|s| s.next_cron_time);
-    let interval: Vec<Option<i64>> = upds
+    let u_gid = ustrs(|u| u.gid);
+    let u_expect = ustrs(|u| u.expect_status);
+    let u_owner_was = uopt(|u| u.expect_owner);
+    let u_update = utimes(|s| Some(s.update_time));
+    let u_status = uopt(|u| u.set.status.as_deref());
+    let u_reason = uopt(|u| u.set.rollback_reason.as_deref());
+    let u_result = uopt(|u| u.set.result.as_deref());
+    let u_custom = uopt(|u| u.set.custom_data.as_deref());
+    let u_owner = uopt(|u| u.set.owner.as_deref());
+    let u_finish = utimes(|s| s.finish_time);
+    let u_rollback = utimes(|s| s.rollback_time);
+    let u_next = utimes(|s| s.next_cron_time);
+    let u_interval: Vec<Option<i64>> = upds
         .iter()
         .map(|u| u.set.next_cron_interval.map(interval))
         .collect();
-    let changed: HashSet<String> = c
+    // their branch rows (changed only where the guard held)
+    let ubs: Vec<(&str, &BranchUpdate)> = upds
+        .iter()
+        .flat_map(|u| last_wins(u.branches).into_iter().map(move |b| (u.gid, b)))
+        .collect();
+    let ub_gid: Vec<&str> = ubs.iter().map(|(g, _)| *g).collect();
+    let ub_branch: Vec<&str> = ubs.iter().map(|(_, b)| b.branch_id.as_str()).collect();
+    let ub_op: Vec<&str> = ubs.iter().map(|(_, b)| b.op.as_str()).collect();
+    let ub_status: Vec<&str> = ubs.iter().map(|(_, b)| b.status.as_str()).collect();
+    let ub_t: Vec<Option<DateTime<Utc>>> = ubs.iter().map(|(_, b)| trunc(Some(b.time))).collect();
+
+    let rows = c
         .texts(
-            PG_UPDATE_GLOBALS,
+            PG_GROUP,
             &[
-                Val::Strs(&gid),
-                Val::Strs(&expect_status),
-                Val::OptStrs(&expect_owner),
-                Val::Times(&update),
-                Val::OptStrs(&status),
-                Val::OptStrs(&reason),
-                Val::OptStrs(&result),
-                Val::OptStrs(&custom_data),
-                Val::OptStrs(&owner),
-                Val::Times(&finish),
-                Val::Times(&rollback),
-                Val::Times(&next),
-                Val::OptInts(&interval),
+                Val::Strs(&g_gid),
+                Val::Strs(&g_type),
+                Val::Strs(&g_status),
+                Val::Strs(&g_qp),
+                Val::Strs(&g_protocol),
+                Val::Times(&g_create),
+                Val::Times(&g_update),
+                Val::Times(&g_finish),
+                Val::Times(&g_rollback),
+                Val::Strs(&g_options),
+                Val::Strs(&g_custom),
+                Val::OptInts(&g_interval),
+                Val::Times(&g_next),
+                Val::Strs(&g_owner),
+                Val::Strs(&g_ext),
+                Val::Strs(&g_result),
+                Val::Strs(&g_reason),
+                Val::Strs(&b_gid),
+                Val::Strs(&b_url),
+                Val::Blobs(&b_bin),
+                Val::Strs(&b_branch),
+                Val::Strs(&b_op),
+                Val::Strs(&b_status),
+                Val::Times(&b_finish),
+                Val::Times(&b_rollback),
+                Val::Times(&b_create),
+                Val::Times(&b_update),
+                Val::Strs(&u_gid),
+                Val::Strs(&u_expect),
+                Val::OptStrs(&u_owner_was),
+                Val::Times(&u_update),
+                Val::OptStrs(&u_status),
+                Val::OptStrs(&u_reason),
+                Val::OptStrs(&u_result),
+                Val::OptStrs(&u_custom),
+                Val::OptStrs(&u_owner),
+                Val::Times(&u_finish),
+                Val::Times(&u_rollback),
+                Val::Times(&u_next),
+                Val::OptInts(&u_interval),
+                Val::Strs(&ub_gid),
+                Val::Strs(&ub_branch),
+                Val::Strs(&ub_op),
+                Val::Strs(&ub_status),
+                Val::Times(&ub_t),
             ],
         )
-        .await?
-        .into_iter()
-        .collect();
-    let mut bs: Vec<(&str, &BranchUpdate)> = Vec::new();
-    for u in upds {
-        if changed.contains(u.gid) {
-            out[u.at] = Some(Ok(WriteOutcome::Done));
-            bs.extend(last_wins(u.branches).into_iter().map(|b| (u.gid, b)));
-        } else {
-            out[u.at] = Some(Err(StoreError::NotFound));
+        .await?;
+    let mut inserted: HashSet<&str> = HashSet::new();
+    let mut changed: HashSet<&str> = HashSet::new();
+    for r in &rows {
+        if let Some(g) = r.strip_prefix('i') {
+            inserted.insert(g);
+        } else if let Some(g) = r.strip_prefix('u') {
+            changed.insert(g);
         }
     }
-    if bs.is_empty() {
-        return Ok(());
+    for s in saves {
+        out[s.at] = Some(if inserted.contains(s.g.gid.as_str()) {
+            Ok(WriteOutcome::Done)
+        } else {
+            Err(StoreError::UniqueConflict)
+        });
     }
-    let gid: Vec<&str> = bs.iter().map(|(g, _)| *g).collect();
-    let branch_id: Vec<&str> = bs.iter().map(|(_, b)| b.branch_id.as_str()).collect();
-    let op: Vec<&str> = bs.iter().map(|(_, b)| b.op.as_str()).collect();
-    let status: Vec<&str> = bs.iter().map(|(_, b)| b.status.as_str()).collect();
-    let t: Vec<Option<DateTime<Utc>>> = bs.iter().map(|(_, b)| trunc(Some(b.time))).collect();
-    c.exec(
-        PG_UPDATE_BRANCHES,
-        &[
-            Val::Strs(&gid),
-            Val::Strs(&branch_id),
-            Val::Strs(&op),
-            Val::Strs(&status),
-            Val::Times(&t),
-        ],
-    )
-    .await?;
+    for u in upds {
+        out[u.at] = Some(if changed.contains(u.gid) {
+            Ok(WriteOutcome::Done)
+        } else {
+            Err(StoreError::NotFound)
+        });
+    }
     Ok(())
 }
 

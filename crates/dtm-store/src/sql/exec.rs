@@ -104,6 +104,11 @@ pub(crate) trait Engine: Send + Sync + 'static {
     async fn begin_batch(&self) -> Result<Box<dyn Exec>, DbError> {
         self.begin().await
     }
+    /// A connection in autocommit mode for a batch that is one group, when the driver
+    /// writes a group with one statement (Postgres); None: use [`Engine::begin_batch`].
+    async fn autocommit_batch(&self) -> Result<Option<Box<dyn Exec>>, DbError> {
+        Ok(None)
+    }
     fn classify(&self, e: &DbError) -> ErrClass;
     async fn close(&self);
 }

@@ -240,8 +240,7 @@ impl SqlStore {
         for w in m.warnings {
             tracing::warn!("{desc}: {w}");
         }
-        // leave at least half the pool to reads
-        let n = (o.max_open_conns as usize / 2).clamp(1, MAX_WRITERS);
+        let n = writer_count(o);
         let mut writers = Vec::with_capacity(n);
         let mut tasks = Vec::with_capacity(n);
         for _ in 0..n {
@@ -317,6 +316,12 @@ async fn migrate(engine: &dyn Engine) -> Result<ops::Migration, DbError> {
             Err(e)
         }
     }
+}
+
+/// Writer tasks for these options: at most [`MAX_WRITERS`], leaving at least half of
+/// `MaxOpenConns` to reads.
+pub(crate) fn writer_count(o: &SqlOptions) -> usize {
+    (o.max_open_conns as usize / 2).clamp(1, MAX_WRITERS)
 }
 
 /// The writer an op goes to, of `n` (None when there are none: closed).
@@ -407,6 +412,41 @@ struct Group {
     keys: HashSet<String>,
 }
 
+/// Whether every op of the batch goes into one group (grouped kinds, distinct keys).
+fn one_group(d: Dialect, ops: &[&WriteOp]) -> bool {
+    let mut keys = HashSet::with_capacity(ops.len());
+    ops.iter().all(|op| match batch::place(d, op) {
+        Place::Group(k) => keys.insert(k),
+        _ => false,
+    })
+}
+
+/// A batch that is one group, written by one statement in autocommit mode: it commits
+/// whole or not at all.
+async fn one_statement(
+    engine: &dyn Engine,
+    errs: &Errs,
+    c: &mut dyn Exec,
+    ops: &[&WriteOp],
+) -> Attempt {
+    match batch::apply_group(c, ops).await {
+        Ok(rs) => Attempt::Done(rs),
+        Err(e) => match engine.classify(&e) {
+            ErrClass::Unique | ErrClass::Statement => {
+                tracing::debug!(
+                    "{}: {e}; running the batch op by op to find the op",
+                    errs.desc
+                );
+                Attempt::OneByOne
+            }
+            // like a failed COMMIT: the change may or may not be applied
+            class @ (ErrClass::Retry | ErrClass::Connection) => {
+                Attempt::Fail(class, "apply the change", e)
+            }
+        },
+    }
+}
+
 async fn try_batch(
     engine: &dyn Engine,
     errs: &Errs,
@@ -423,11 +463,18 @@ async fn try_batch(
                 .collect(),
         );
     }
+    let d = engine.dialect();
+    if grouped && live == ops.len() && one_group(d, ops) {
+        match engine.autocommit_batch().await {
+            Ok(Some(mut c)) => return one_statement(engine, errs, &mut *c, ops).await,
+            Ok(None) => {}
+            Err(e) => return Attempt::Fail(engine.classify(&e), "connect", e),
+        }
+    }
     let mut tx = match engine.begin_batch().await {
         Ok(tx) => tx,
         Err(e) => return Attempt::Fail(engine.classify(&e), "start a transaction", e),
     };
-    let d = engine.dialect();
     let mut results: Vec<Option<Result<WriteOutcome, StoreError>>> = vec![None; ops.len()];
     let mut group = Group::default();
     // i == ops.len(): the end, where the last group runs

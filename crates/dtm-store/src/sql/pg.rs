@@ -23,7 +23,10 @@ use super::exec::{
 use super::{SqlOptions, quote_ident};
 
 pub(crate) struct PgEngine {
+    /// Reads and the other callers.
     pool: PgPool,
+    /// The batch writers' connections (see [`PgEngine::begin_batch`]).
+    writers: PgPool,
 }
 
 fn connect_options(o: &SqlOptions, db: &str) -> PgConnectOptions {
@@ -97,14 +100,25 @@ pub(crate) async fn open(o: &SqlOptions) -> Result<PgEngine, DbError> {
         }
     }
     let opts = target.options([("search_path", o.schema.as_str())]);
-    let pool = PoolOptions::<Postgres>::new()
-        .max_connections(o.max_open_conns.max(1))
-        .min_connections(0)
-        .acquire_timeout(o.acquire_timeout)
-        .max_lifetime(o.conn_max_lifetime)
-        .idle_timeout(Some(Duration::from_secs(600)))
-        .connect_lazy_with(opts);
-    Ok(PgEngine { pool })
+    let writer_opts = opts.clone().options([
+        ("enable_seqscan", "off"),
+        ("enable_hashjoin", "off"),
+        ("enable_mergejoin", "off"),
+    ]);
+    let writers = super::writer_count(o);
+    let pool_of = |n: usize, opts: PgConnectOptions| {
+        PoolOptions::<Postgres>::new()
+            .max_connections(u32::try_from(n).unwrap_or(u32::MAX).max(1))
+            .min_connections(0)
+            .acquire_timeout(o.acquire_timeout)
+            .max_lifetime(o.conn_max_lifetime)
+            .idle_timeout(Some(Duration::from_secs(600)))
+            .connect_lazy_with(opts)
+    };
+    Ok(PgEngine {
+        pool: pool_of((o.max_open_conns as usize).saturating_sub(writers), opts),
+        writers: pool_of(writers, writer_opts),
+    })
 }
 
 /// Drop the schema (tests).
@@ -147,16 +161,17 @@ impl Engine for PgEngine {
     /// prepared once per connection and kept (a generic plan); made while the table is
     /// new and empty (a fresh database, before autovacuum has analyzed it) it would be a
     /// hash join over a sequential scan, and stay so while the table grows. A nested loop
-    /// over the unique index is right at every size, so the writer's transactions rule
-    /// out the others (same round trip as a plain BEGIN).
+    /// over the unique index is right at every size, so the writers' connections rule
+    /// out the others (`enable_seqscan`, `enable_hashjoin`, `enable_mergejoin` off, set
+    /// at connection start), on a pool of their own.
     async fn begin_batch(&self) -> Result<Box<dyn Exec>, DbError> {
-        Ok(Box::new(PgExec::Tx(
-            self.pool
-                .begin_with(
-                    "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off",
-                )
-                .await?,
-        )))
+        Ok(Box::new(PgExec::Tx(self.writers.begin().await?)))
+    }
+
+    /// A batch that is one group is one statement ([`super::batch`]), atomic and
+    /// committed on its own: no `BEGIN`/`COMMIT` round trips.
+    async fn autocommit_batch(&self) -> Result<Option<Box<dyn Exec>>, DbError> {
+        Ok(Some(Box::new(PgExec::Conn(self.writers.acquire().await?))))
     }
 
     fn classify(&self, e: &DbError) -> ErrClass {
@@ -179,6 +194,7 @@ impl Engine for PgEngine {
 
     async fn close(&self) {
         self.pool.close().await;
+        self.writers.close().await;
     }
 }
 
