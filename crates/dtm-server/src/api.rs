@@ -332,6 +332,18 @@ async fn not_found(uri: axum::http::Uri) -> Response {
     )
 }
 
+/// A method the route does not take (405; the `Allow` header, which axum adds, lists
+/// the methods it takes).
+async fn method_not_allowed(
+    method: axum::http::Method,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+) -> Response {
+    json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        json!({"message": format!("{method} is not allowed on {}: send it with one of the methods in the Allow header", uri.path())}),
+    )
+}
+
 async fn count(
     State(s): State<AppState>,
     req: axum::extract::Request,
@@ -369,12 +381,14 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/unsubscribe", get(unsubscribe).post(unsubscribe))
         .route("/topic/{name}", delete(delete_topic))
         .route("/scanKV", get(scan_kv))
-        .route("/queryKV", get(query_kv));
+        .route("/queryKV", get(query_kv))
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/api/dtmsvr", api)
         .route("/api/ping", any(ping))
         .route("/api/json-rpc", post(crate::jrpc::handle))
         .route("/api/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(max_body))

@@ -298,7 +298,13 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_stored() -> R {
     assert_eq!(code, 413);
     // unknown route, wrong method
     assert_eq!(s.get("nope").await?.0, 404);
-    assert_eq!(s.get("submit").await?.0, 405);
+    let (code, body) = s.get("submit").await?;
+    assert_eq!(code, 405);
+    assert_eq!(
+        body["message"].as_str().unwrap_or(""),
+        "GET is not allowed on /api/dtmsvr/submit: send it with one of the methods in the Allow header",
+        "{body}"
+    );
     // still serving
     assert_eq!(s.get("version").await?.0, 200);
     Ok(())
