@@ -140,6 +140,43 @@ async fn msg_not_timed_out_is_not_back_checked() -> R {
     Ok(())
 }
 
+/// dtm TestMsgOptionsTimeout: a msg prepared without `timeout_to_fail` is back-checked
+/// only after the server's TimeoutToFail (3 s in these tests), then runs its branches.
+#[tokio::test]
+async fn msg_without_its_own_timeout_uses_the_global_one() -> R {
+    let (s, b) = setup().await?;
+    let gid = s.new_gid().await?;
+    s.post("prepare", &msg(&gid, &b, &["TransOut"])).await?;
+    s.kick(&gid).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.status(&gid).await?, "prepared");
+    assert!(b.calls_for(&gid).is_empty(), "{:?}", b.trace(&gid));
+    s.wait_status(&gid, "succeed", 10).await?;
+    assert_eq!(
+        b.trace(&gid),
+        ["QueryPrepared/msg", "TransOut/action"],
+        "back-check, then the branch"
+    );
+    Ok(())
+}
+
+/// dtm TestMsgNormal: right after a plain submit the message is `submitted` (its
+/// branches run after the answer).
+#[tokio::test]
+async fn msg_is_submitted_right_after_submit() -> R {
+    let (s, b) = setup().await?;
+    b.set_delay(Duration::from_millis(500));
+    let gid = s.new_gid().await?;
+    let (code, v) = s
+        .post("submit", &msg(&gid, &b, &["TransOut", "TransIn"]))
+        .await?;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(s.status(&gid).await?, "submitted");
+    s.wait_status(&gid, "succeed", 10).await?;
+    assert_eq!(s.branches(&gid).await?, "ss");
+    Ok(())
+}
+
 #[tokio::test]
 async fn msg_abort_while_prepared_fails_it() -> R {
     let (s, b) = setup().await?;
@@ -230,12 +267,25 @@ async fn msg_delay_given_at_submit_after_prepare_is_kept() -> R {
 
 #[tokio::test]
 async fn msg_alert_webhook_fires_when_a_branch_keeps_failing() -> R {
+    webhook_scenario("").await
+}
+
+/// dtm TestMsgWebhookError: the webhook itself answers 500 (the simulator does so for a
+/// gid with `Error` in it); that failure changes nothing for the message.
+#[tokio::test]
+async fn msg_alert_webhook_failure_is_ignored() -> R {
+    webhook_scenario("Error").await
+}
+
+/// A msg whose TransIn keeps erring reaches the alert webhook, then succeeds once the
+/// branch recovers. `suffix` is appended to the gid.
+async fn webhook_scenario(suffix: &str) -> R {
     let b = Busi::start().await?;
     let mut settings = fast_settings();
     settings.alert_webhook = b.route("AlertWebHook");
     settings.alert_retry_limit = 1;
     let s = TestServer::start_with(settings).await?;
-    let gid = s.new_gid().await?;
+    let gid = format!("{}{suffix}", s.new_gid().await?);
     b.set_sticky("TransIn", "ERROR");
     s.post("submit", &msg(&gid, &b, &["TransOut", "TransIn"]))
         .await?;

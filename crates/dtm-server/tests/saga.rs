@@ -204,6 +204,47 @@ async fn saga_concurrent_rollback_order_respects_dependencies() -> R {
     Ok(())
 }
 
+/// dtm TestSagaConRollbackNormal: a concurrent saga without orders whose first action
+/// fails and whose first compensation answers ONGOING once: `aborting` until that
+/// compensation is retried, then `failed`, every started action compensated.
+#[tokio::test]
+async fn saga_concurrent_rollback_with_an_ongoing_compensation() -> R {
+    let (s, b) = setup().await?;
+    let gid = s.new_gid().await?;
+    b.set_once(slot::TRANS_OUT, "FAILURE");
+    b.set_once(slot::TRANS_OUT_REVERT, "ONGOING");
+    let body = with(
+        transfer_saga(&gid, &b),
+        json!({"custom_data": r#"{"concurrent":true}"#}),
+    );
+    assert_eq!(s.post("submit", &body).await?.0, 200);
+    s.wait_status(&gid, "aborting", 5).await?;
+    s.wait_status(&gid, "failed", 10).await?;
+    assert_eq!(s.branches(&gid).await?, "sfss");
+    let mut trace = b.trace(&gid);
+    // the two actions run at once, so their order is not fixed; compensations follow
+    trace[..2].sort();
+    assert_eq!(&trace[..2], ["TransIn/action", "TransOut/action"]);
+    let mut comp = trace[2..].to_vec();
+    comp.sort();
+    assert_eq!(
+        comp,
+        [
+            "TransInRevert/compensate",
+            "TransOutRevert/compensate",
+            "TransOutRevert/compensate"
+        ]
+    );
+    let (t, _) = s.query(&gid).await?;
+    assert!(
+        t["rollback_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("TransOut") && r.ends_with("FAILURE")),
+        "{t}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn saga_concurrent_committed_ongoing() -> R {
     let (s, b) = setup().await?;

@@ -348,3 +348,85 @@ async fn tcc_confirm_failure_is_reported_to_the_webhook_and_metrics() -> R {
     assert!(m.contains("dtm_branch_unexpected_failure_total 1"), "{m}");
     Ok(())
 }
+
+/// dtm TestTccHeaders' shape: a branch registered with empty confirm and cancel URLs
+/// finishes without any call from the server, on submit and on abort.
+#[tokio::test]
+async fn tcc_empty_confirm_and_cancel_urls_are_not_called() -> R {
+    let (s, b) = setup().await?;
+    let reg = |gid: &str| {
+        json!({"gid": gid, "branch_id": "01", "trans_type": "tcc", "confirm": "",
+               "cancel": "", "data": "{}"})
+    };
+    let gid = s.new_gid().await?;
+    s.post("prepare", &tcc(&gid)).await?;
+    let (code, body) = s.post("registerBranch", &reg(&gid)).await?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["dtm_result"], "SUCCESS", "{body}");
+    assert_eq!(s.post("submit", &tcc(&gid)).await?.0, 200);
+    s.wait_status(&gid, "succeed", 10).await?;
+    assert_eq!(s.branches(&gid).await?, "ps");
+
+    let gid2 = s.new_gid().await?;
+    s.post("prepare", &tcc(&gid2)).await?;
+    s.post("registerBranch", &reg(&gid2)).await?;
+    assert_eq!(s.post("abort", &tcc(&gid2)).await?.0, 200);
+    s.wait_status(&gid2, "failed", 10).await?;
+    assert_eq!(s.branches(&gid2).await?, "sp");
+    assert!(b.calls_for(&gid).is_empty() && b.calls_for(&gid2).is_empty());
+    Ok(())
+}
+
+/// dtm TestXaNotTimeout: a prepared XA inside its timeout is left alone by recovery; a
+/// commit answered `200 {"dtm_result":"ONGOING"}` leaves it submitted, and the next
+/// retry commits it.
+#[tokio::test]
+async fn xa_ongoing_commit_is_retried_and_a_live_prepare_is_left_alone() -> R {
+    let (s, b) = setup().await?;
+    let gid = s.new_gid().await?;
+    s.post(
+        "prepare",
+        &json!({"gid": gid, "trans_type": "xa", "timeout_to_fail": 30}),
+    )
+    .await?;
+    s.post(
+        "registerBranch",
+        &json!({"gid": gid, "branch_id": "01", "trans_type": "xa", "url": b.route("TransOut")}),
+    )
+    .await?;
+    // several recovery passes (100 ms apart) and the global retry interval (1 s)
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(s.status(&gid).await?, "prepared");
+    assert!(b.calls_for(&gid).is_empty());
+
+    b.set_once(slot::NEXT, "ONGOING");
+    assert_eq!(
+        s.post("submit", &json!({"gid": gid, "trans_type": "xa"}))
+            .await?
+            .0,
+        200
+    );
+    s.wait_status(&gid, "succeed", 10).await?;
+    assert_eq!(s.branches(&gid).await?, "ps");
+    assert_eq!(b.trace(&gid), ["TransOut/commit", "TransOut/commit"]);
+    Ok(())
+}
+
+/// dtm TestXaLocalError: an XA aborted before any branch registered ends failed.
+#[tokio::test]
+async fn xa_abort_without_branches_fails() -> R {
+    let (s, b) = setup().await?;
+    let gid = s.new_gid().await?;
+    s.post("prepare", &json!({"gid": gid, "trans_type": "xa"}))
+        .await?;
+    assert_eq!(
+        s.post("abort", &json!({"gid": gid, "trans_type": "xa"}))
+            .await?
+            .0,
+        200
+    );
+    s.wait_status(&gid, "failed", 10).await?;
+    assert_eq!(s.branches(&gid).await?, "");
+    assert!(b.calls_for(&gid).is_empty());
+    Ok(())
+}

@@ -63,3 +63,54 @@ async fn workflow_progress_finish_and_resume() -> R {
     assert_eq!(v["transaction"]["status"], "succeed");
     Ok(())
 }
+
+/// An unfinished workflow is resumed every RetryInterval (1 s here) without backoff and
+/// never times out (TimeoutToFail is 3 s here); a failed step is recorded as such; a
+/// finish with `status: failed` stores the rollback reason, keeps the stored fields, and
+/// a re-execution gets it back.
+#[tokio::test]
+async fn workflow_resumes_without_backoff_and_finishes_failed() -> R {
+    let (s, b) = (TestServer::start().await?, Busi::start().await?);
+    let gid = s.new_gid().await?;
+    let prep = json!({"gid": gid, "trans_type": "workflow", "query_prepared": b.route("WorkflowResume"),
+        "custom_data": json!({"name": "wf", "data": ""}).to_string()});
+    assert_eq!(s.post("prepareWorkflow", &prep).await?.0, 200);
+    let (before, _) = s.query(&gid).await?;
+    s.kick(&gid).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(5500)).await;
+    let resumes = b
+        .calls_for(&gid)
+        .iter()
+        .filter(|c| c.route == "WorkflowResume")
+        .count();
+    // at 0, 1, 2, 3, 4 and 5 s; a doubling backoff would give 0, 1 and 3 s only
+    assert!(resumes >= 4, "{resumes} resume calls in 5.5 s");
+    assert_eq!(
+        s.status(&gid).await?,
+        "prepared",
+        "workflows do not time out"
+    );
+
+    let step = json!({"gid": gid, "trans_type": "workflow", "branch_id": "01", "op": "action",
+        "status": "failed", "data": "insufficient balance"});
+    assert_eq!(s.post("registerBranch", &step).await?.0, 200);
+    let fin = json!({"gid": gid, "trans_type": "workflow",
+        "req_extra": {"status": "failed", "rollback_reason": "insufficient balance"}});
+    assert_eq!(s.post("submit", &fin).await?.0, 200);
+    let (t, branches) = s.query(&gid).await?;
+    assert_eq!(t["status"], "failed");
+    assert_eq!(t["rollback_reason"], "insufficient balance");
+    assert_eq!(branches, ["failed"]);
+    for k in ["create_time", "query_prepared", "custom_data", "protocol"] {
+        assert_eq!(t[k], before[k], "{k} kept by the finish");
+    }
+    let (_, v) = s.post("prepareWorkflow", &prep).await?;
+    assert_eq!(v["transaction"]["status"], "failed");
+    assert_eq!(v["transaction"]["rollback_reason"], "insufficient balance");
+    assert_eq!(v["progresses"][0]["status"], "failed");
+    // finished: no more resumes
+    let n = b.calls_for(&gid).len();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(b.calls_for(&gid).len(), n);
+    Ok(())
+}
