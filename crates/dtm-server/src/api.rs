@@ -349,12 +349,18 @@ async fn count(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // the route that matched, not the path sent, so that the label set stays bounded:
+    // the last segment that is not a parameter (`/topic/{name}` -> `topic`); a request no
+    // route matched counts as `other`
     let api = req
-        .uri()
-        .path()
-        .rsplit('/')
-        .next()
-        .unwrap_or("")
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .and_then(|m| {
+            m.as_str()
+                .rsplit('/')
+                .find(|seg| !seg.is_empty() && !seg.starts_with('{'))
+        })
+        .unwrap_or("other")
         .to_ascii_lowercase();
     let resp = next.run(req).await;
     s.metrics.count_request(&api, resp.status().as_u16() < 400);

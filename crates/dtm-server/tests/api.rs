@@ -27,6 +27,32 @@ async fn version_ping_newgid() -> R {
         .await?;
     assert_eq!(r.status().as_u16(), 200);
     assert!(r.text().await?.contains("dtm_server_process_total"));
+    // requests to paths no route takes all count as `other`: the label set stays bounded
+    for i in 0..5 {
+        assert_eq!(s.get(&format!("nosuch{i}?x={i}")).await?.0, 404);
+    }
+    let text = s
+        .http
+        .get(s.api.replace("/dtmsvr", "/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let labels: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("dtm_server_process_total{"))
+        .collect();
+    assert!(labels.iter().all(|l| !l.contains("nosuch")), "{labels:?}");
+    assert!(
+        labels.iter().any(|l| l.contains("api=\"other\"")
+            && l.contains("status=\"fail\"")
+            && l.ends_with(" 5")),
+        "{labels:?}"
+    );
+    assert!(
+        labels.iter().any(|l| l.contains("api=\"newgid\"")),
+        "{labels:?}"
+    );
     Ok(())
 }
 

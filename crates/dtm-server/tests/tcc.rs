@@ -430,3 +430,36 @@ async fn xa_abort_without_branches_fails() -> R {
     assert!(b.calls_for(&gid).is_empty());
     Ok(())
 }
+
+/// `abort` goes by the stored transaction type, whatever the request says: a tcc
+/// aborted with `trans_type: saga` in the request is cancelled; a submitted saga cannot
+/// be aborted (409 with the reason).
+#[tokio::test]
+async fn abort_goes_by_the_stored_trans_type() -> R {
+    let (s, b) = setup().await?;
+    let gid = s.new_gid().await?;
+    s.post("prepare", &tcc(&gid)).await?;
+    register(&s, &b, &gid, "01", "TransOutConfirm", "TransOutRevert").await?;
+    let (code, v) = s
+        .post("abort", &json!({"gid": gid, "trans_type": "saga"}))
+        .await?;
+    assert_eq!(code, 200, "{v}");
+    s.wait_status(&gid, "failed", 10).await?;
+    assert_eq!(b.trace(&gid), ["TransOutRevert/cancel"]);
+
+    let saga_gid = s.new_gid().await?;
+    b.set_once(slot::TRANS_OUT, "ONGOING");
+    s.post("submit", &dtm_testkit::transfer_saga(&saga_gid, &b))
+        .await?;
+    let (code, v) = s
+        .post("abort", &json!({"gid": saga_gid, "trans_type": "tcc"}))
+        .await?;
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(v["dtm_result"], "FAILURE", "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("cannot abort"),
+        "{v}"
+    );
+    s.wait_status(&saga_gid, "succeed", 10).await?;
+    Ok(())
+}

@@ -479,3 +479,28 @@ async fn a_pass_stops_when_another_node_took_the_lease() {
         "no branch is called without the lease: {calls:?}"
     );
 }
+
+/// dtm TestSetNextCron: the base retry interval is the transaction's `retry_interval`
+/// when given, else its `timeout_to_fail` when that is shorter than the server's
+/// RetryInterval, else the server's RetryInterval.
+#[test]
+fn base_retry_interval() {
+    let co = Coordinator::new(
+        Arc::new(MemStore::default()),
+        Arc::new(Script::default()),
+        Settings {
+            retry_interval: 10,
+            ..Settings::default()
+        },
+    );
+    let o = |retry_interval: i64, timeout_to_fail: i64| TransOptions {
+        retry_interval,
+        timeout_to_fail,
+        ..TransOptions::default()
+    };
+    assert_eq!(co.base_interval(&o(15, 0)), 15);
+    assert_eq!(co.base_interval(&o(0, 0)), 10);
+    assert_eq!(co.base_interval(&o(0, 3)), 3);
+    assert_eq!(co.base_interval(&o(0, 30)), 10);
+    assert_eq!(co.base_interval(&o(15, 3)), 15);
+}
