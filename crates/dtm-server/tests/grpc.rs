@@ -689,6 +689,53 @@ async fn tcc_grpc_wait_result_with_headers() -> R {
     Ok(())
 }
 
+// ---------------------------------------------------------------- xa over gRPC
+
+/// dtm TestXaGrpcNormal / TestXaGrpcRollback: XA branches registered over gRPC with
+/// `Data{url}` are committed first to last on submit, rolled back on abort, as gRPC calls
+/// carrying the op in the metadata.
+#[tokio::test]
+async fn xa_grpc_commits_in_order_and_rolls_back() -> R {
+    let mut e = setup().await?;
+    let xa = |gid: &str| DtmRequest {
+        gid: gid.into(),
+        trans_type: "xa".into(),
+        steps: "null".into(),
+        trans_options: Some(DtmTransOptions::default()),
+        ..Default::default()
+    };
+    let register = |gid: &str, id: &str, url: String| DtmBranchRequest {
+        gid: gid.into(),
+        trans_type: "xa".into(),
+        branch_id: id.into(),
+        op: String::new(),
+        data: [("url".to_string(), url)].into(),
+        busi_payload: vec![],
+    };
+    let gid = e.gid().await?;
+    e.dtm.prepare(xa(&gid)).await?;
+    let (out, inn) = (e.g.route("TransOut"), e.g.route("TransIn"));
+    e.dtm
+        .register_branch(register(&gid, "01", out.clone()))
+        .await?;
+    e.dtm.register_branch(register(&gid, "02", inn)).await?;
+    e.dtm.submit(xa(&gid)).await?;
+    e.s.wait_status(&gid, "succeed", 10).await?;
+    assert_eq!(e.s.branches(&gid).await?, "psps");
+    assert_eq!(e.b.trace(&gid), ["TransOut/commit", "TransIn/commit"]);
+    let c = &e.b.calls_for(&gid)[0];
+    assert_eq!((c.q("trans_type"), c.q("branch_id")), ("xa", "01"));
+
+    let gid = e.gid().await?;
+    e.dtm.prepare(xa(&gid)).await?;
+    e.dtm.register_branch(register(&gid, "01", out)).await?;
+    e.dtm.abort(xa(&gid)).await?;
+    e.s.wait_status(&gid, "failed", 10).await?;
+    assert_eq!(e.s.branches(&gid).await?, "sp");
+    assert_eq!(e.b.trace(&gid), ["TransOut/rollback"]);
+    Ok(())
+}
+
 // ---------------------------------------------------------------- workflow over gRPC
 
 #[tokio::test]
