@@ -72,9 +72,11 @@ async fn query_known_unknown_and_missing_gid() -> R {
     assert_eq!(code, 200);
     assert!(v["transaction"].is_null());
     assert_eq!(v["branches"], json!([]));
-    let (code, v) = s.get("query").await?;
-    assert_eq!(code, 400, "{v}");
-    assert!(v["message"].as_str().unwrap_or("").contains("gid"));
+    for missing in ["query", "query?gid="] {
+        let (code, v) = s.get(missing).await?;
+        assert_eq!(code, 400, "{missing}: {v}");
+        assert!(v["message"].as_str().unwrap_or("").contains("gid"), "{v}");
+    }
     Ok(())
 }
 

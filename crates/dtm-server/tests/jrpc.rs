@@ -288,3 +288,22 @@ async fn tcc_jrpc_abort() -> R {
     assert_eq!(code(&v), -32901, "{v}");
     Ok(())
 }
+
+/// dtm TestMsgJrpcDoAndSubmitBusiFailed, the server's part: a prepared msg aborted
+/// through JSON-RPC is failed and none of its branches runs.
+#[tokio::test]
+async fn msg_jrpc_abort_while_prepared() -> R {
+    let (s, b) = setup().await?;
+    let gid = jrpc_gid(&s).await?;
+    s.jrpc("prepare", &jrpc_msg(&gid, &b)).await?;
+    let v = s.jrpc("abort", &jrpc_msg(&gid, &b)).await?;
+    assert!(v["error"].is_null(), "{v}");
+    assert_eq!(s.status(&gid).await?, "failed");
+    assert_eq!(s.branches(&gid).await?, "pp");
+    // a submit afterwards is refused with FAILURE, and nothing is called
+    let v = s.jrpc("submit", &jrpc_msg(&gid, &b)).await?;
+    assert_eq!(code(&v), -32901, "{v}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(b.calls_for(&gid).is_empty(), "{:?}", b.trace(&gid));
+    Ok(())
+}
