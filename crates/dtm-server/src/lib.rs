@@ -175,6 +175,12 @@ impl Server {
         let http_addr = listener.local_addr()?;
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
+            // answers go out at once, as from dtm (Go sets TCP_NODELAY on every socket)
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
+                }
+            });
             let r = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = http_stop.wait_for(|s| *s).await;
