@@ -20,24 +20,12 @@ async fn version_ping_newgid() -> R {
     let (code, v) = s.get("newGid").await?;
     assert_eq!((code, v["dtm_result"].as_str()), (200, Some("SUCCESS")));
     assert_eq!(v["gid"].as_str().map(str::len), Some(22));
-    let r = s
-        .http
-        .get(s.api.replace("/dtmsvr", "/metrics"))
-        .send()
-        .await?;
-    assert_eq!(r.status().as_u16(), 200);
-    assert!(r.text().await?.contains("dtm_server_process_total"));
+    assert!(s.metrics().await?.contains("dtm_server_process_total"));
     // requests to paths no route takes all count as `other`: the label set stays bounded
     for i in 0..5 {
         assert_eq!(s.get(&format!("nosuch{i}?x={i}")).await?.0, 404);
     }
-    let text = s
-        .http
-        .get(s.api.replace("/dtmsvr", "/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = s.metrics().await?;
     let labels: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("dtm_server_process_total{"))

@@ -163,13 +163,7 @@ async fn grpc_new_gid_and_input_errors() -> R {
     assert!(err.message().contains("FAILURE"), "{err:?}");
 
     // gRPC calls are counted as dtm labels them
-    let m =
-        e.s.http
-            .get(e.s.api.replace("/dtmsvr", "/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
+    let m = e.s.metrics().await?;
     for line in [
         r#"dtm_server_process_total{type="grpc",api="newgid",status="ok"} 2"#,
         r#"dtm_server_process_total{type="grpc",api="submit",status="fail"} 3"#,

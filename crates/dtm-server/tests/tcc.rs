@@ -338,13 +338,7 @@ async fn tcc_confirm_failure_is_reported_to_the_webhook_and_metrics() -> R {
         "{v}"
     );
     assert!(v["error"].as_str().unwrap_or("").contains("FAILURE"), "{v}");
-    let m = s
-        .http
-        .get(s.api.replace("/dtmsvr", "/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let m = s.metrics().await?;
     assert!(m.contains("dtm_branch_unexpected_failure_total 1"), "{m}");
     Ok(())
 }

@@ -603,6 +603,21 @@ fn saga_branches(g: &str, t: DateTime<Utc>) -> Vec<Branch> {
     bs
 }
 
+/// Each global is stored as given (but its id) with exactly these branches, in order.
+async fn assert_stored(s: &dyn Store, stored: Vec<(TransGlobal, Vec<Branch>)>) -> R {
+    for (gl, bs) in stored {
+        let got = s
+            .find_global(&gl.gid)
+            .await?
+            .ok_or("saved global not found")?;
+        assert_eq!(TransGlobal { id: got.id, ..gl }, got);
+        let gb = s.find_branches(&got.gid).await?;
+        let gb: Vec<Branch> = gb.into_iter().map(|b| Branch { id: 0, ..b }).collect();
+        assert_eq!(gb, bs, "branches of {}", got.gid);
+    }
+    Ok(())
+}
+
 /// Many inserts in one batch: one gid exists already and one comes twice; those two fail
 /// alone (the first of the twice-written gid wins), every other insert is stored whole,
 /// branches in order.
@@ -639,16 +654,7 @@ async fn saves_in_one_batch(s: Arc<dyn Store>) -> R {
         }
     }
     assert_eq!(together(&s, ops).await?, want);
-    for (gl, bs) in stored {
-        let got = s
-            .find_global(&gl.gid)
-            .await?
-            .ok_or("saved global not found")?;
-        assert_eq!(TransGlobal { id: got.id, ..gl }, got);
-        let gb = s.find_branches(&got.gid).await?;
-        let gb: Vec<Branch> = gb.into_iter().map(|b| Branch { id: 0, ..b }).collect();
-        assert_eq!(gb, bs, "branches of {}", got.gid);
-    }
+    assert_stored(&*s, stored).await?;
     let o = s.find_global(&old).await?.ok_or("gone")?;
     assert_eq!(o.status, "prepared");
     assert_eq!(s.find_branches(&old).await?.len(), 1);
@@ -713,16 +719,7 @@ async fn saves_and_updates_in_one_group(s: Arc<dyn Store>) -> R {
         }
     }
     assert_eq!(together(&s, ops).await?, want);
-    for (gl, bs) in stored {
-        let got = s
-            .find_global(&gl.gid)
-            .await?
-            .ok_or("saved global not found")?;
-        assert_eq!(TransGlobal { id: got.id, ..gl }, got);
-        let gb = s.find_branches(&got.gid).await?;
-        let gb: Vec<Branch> = gb.into_iter().map(|b| Branch { id: 0, ..b }).collect();
-        assert_eq!(gb, bs, "branches of {}", got.gid);
-    }
+    assert_stored(&*s, stored).await?;
     let o = s.find_global(&old).await?.ok_or("gone")?;
     assert_eq!(o.status, "prepared");
     let ob: Vec<Branch> = s.find_branches(&old).await?;

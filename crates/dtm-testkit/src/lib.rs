@@ -314,6 +314,17 @@ impl TestServer {
         ))
     }
 
+    /// `GET /api/metrics`: the exposition text (an error unless 200).
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let r = self
+            .http
+            .get(self.api.replace("/dtmsvr", "/metrics"))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status() == 200, "GET /api/metrics: {}", r.status());
+        Ok(r.text().await?)
+    }
+
     /// `GET /query`: the transaction JSON (or null) and branch statuses in storage order.
     pub async fn query(&self, gid: &str) -> anyhow::Result<(Value, Vec<String>)> {
         let (_, v) = self.get(&format!("query?gid={gid}")).await?;
