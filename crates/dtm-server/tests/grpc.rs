@@ -683,6 +683,34 @@ async fn tcc_grpc_wait_result_with_headers() -> R {
     Ok(())
 }
 
+/// dtm TestTccGrpcHeaders' shape: a branch registered over gRPC with empty confirm and
+/// cancel URLs finishes without a call.
+#[tokio::test]
+async fn tcc_grpc_empty_confirm_and_cancel() -> R {
+    let mut e = setup().await?;
+    let gid = e.gid().await?;
+    e.dtm.prepare(tcc(&gid)).await?;
+    e.dtm
+        .register_branch(DtmBranchRequest {
+            gid: gid.clone(),
+            trans_type: "tcc".into(),
+            branch_id: "01".into(),
+            op: String::new(),
+            data: [
+                ("confirm".to_string(), String::new()),
+                ("cancel".to_string(), String::new()),
+            ]
+            .into(),
+            busi_payload: req_grpc(30, "", ""),
+        })
+        .await?;
+    e.dtm.submit(tcc(&gid)).await?;
+    e.s.wait_status(&gid, "succeed", 10).await?;
+    assert_eq!(e.s.branches(&gid).await?, "ps");
+    assert!(e.b.calls_for(&gid).is_empty());
+    Ok(())
+}
+
 // ---------------------------------------------------------------- xa over gRPC
 
 /// dtm TestXaGrpcNormal / TestXaGrpcRollback: XA branches registered over gRPC with
@@ -804,6 +832,46 @@ async fn workflow_grpc_progress_and_resume() -> R {
     let t = reply.transaction.unwrap_or_default();
     assert_eq!((t.status.as_str(), t.result.as_str()), ("succeed", "cmVz"));
     assert!(e.dtm.submit(fin).await.is_err(), "finished already");
+    Ok(())
+}
+
+/// dtm TestWorkflowGrpcSimple's server part: a workflow finished over gRPC with
+/// `status: failed` stores the reason, and a re-run gets it back.
+#[tokio::test]
+async fn workflow_grpc_finishes_failed() -> R {
+    let mut e = setup().await?;
+    let gid = e.gid().await?;
+    let prep = DtmRequest {
+        gid: gid.clone(),
+        trans_type: "workflow".into(),
+        query_prepared: e.g.workflow_url(),
+        customed_data: json!({"name": "wf", "data": ""}).to_string(),
+        steps: "null".into(),
+        ..Default::default()
+    };
+    e.dtm.prepare_workflow(prep.clone()).await?;
+    let mut fin = prep.clone();
+    fin.req_extra = [
+        ("status".to_string(), "failed".to_string()),
+        (
+            "rollback_reason".to_string(),
+            "rpc error: code = Aborted desc = FAILURE".to_string(),
+        ),
+    ]
+    .into();
+    e.dtm.submit(fin).await?;
+    let (t, _) = e.s.query(&gid).await?;
+    assert_eq!(t["status"], "failed");
+    assert_eq!(
+        t["rollback_reason"],
+        "rpc error: code = Aborted desc = FAILURE"
+    );
+    let reply = e.dtm.prepare_workflow(prep).await?.into_inner();
+    let t = reply.transaction.unwrap_or_default();
+    assert_eq!(
+        (t.status.as_str(), t.rollback_reason.as_str()),
+        ("failed", "rpc error: code = Aborted desc = FAILURE")
+    );
     Ok(())
 }
 
