@@ -449,6 +449,39 @@ async fn saga_retry_limit() -> R {
     Ok(())
 }
 
+/// ONGOING counts toward `retry_limit` as errors do (as in dtm): an action that keeps
+/// answering ONGOING is retried at once `retry_limit` times, then the saga rolls back,
+/// compensating it.
+#[tokio::test]
+async fn saga_retry_limit_counts_ongoing() -> R {
+    let (s, b) = setup().await?;
+    b.set_sticky("TransOut", "ONGOING");
+    let gid = s.new_gid().await?;
+    let body = with(
+        transfer_saga(&gid, &b),
+        json!({"retry_limit": 1, "wait_result": true}),
+    );
+    let (code, v) = s.post("submit", &body).await?;
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(s.status(&gid).await?, "failed");
+    assert_eq!(s.branches(&gid).await?, "sppp");
+    assert_eq!(
+        b.trace(&gid),
+        [
+            "TransOut/action",
+            "TransOut/action",
+            "TransOutRevert/compensate"
+        ]
+    );
+    let (t, _) = s.query(&gid).await?;
+    assert_eq!(
+        t["rollback_reason"],
+        "RetryCount is greater than RetryLimit, RetryLimit: 1"
+    );
+    b.clear_sticky("TransOut");
+    Ok(())
+}
+
 #[tokio::test]
 async fn saga_request_timeout_per_transaction() -> R {
     let mut settings = dtm_testkit::fast_settings();
