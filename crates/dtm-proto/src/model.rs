@@ -78,6 +78,25 @@ impl TransGlobal {
         TransOptions::from_json(&self.options)
     }
 
+    /// Headers that old dtm clients passed through (`passthrough_headers`) and old dtm
+    /// servers kept in `ext_data` as `{"headers":{..}}`; dtm still sends them to the
+    /// branches of such rows. Empty when there are none or `ext_data` is not that shape.
+    pub fn passthrough_headers(&self) -> BTreeMap<String, String> {
+        if self.ext_data.is_empty() {
+            return BTreeMap::new();
+        }
+        serde_json::from_str::<serde_json::Value>(&self.ext_data)
+            .ok()
+            .and_then(|v| {
+                v.get("headers").and_then(|h| h.as_object()).map(|h| {
+                    h.iter()
+                        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
     pub fn is_finished(&self) -> bool {
         crate::status::is_final(&self.status)
     }

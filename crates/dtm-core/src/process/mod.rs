@@ -79,7 +79,11 @@ pub(crate) struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     pub fn new(co: &'a Coordinator, g: TransGlobal, branches: Vec<Branch>) -> Self {
-        let opts = g.trans_options();
+        let mut opts = g.trans_options();
+        // headers an old dtm kept in ext_data go to the branches too; branch_headers win
+        for (k, v) in g.passthrough_headers() {
+            opts.branch_headers.entry(k).or_insert(v);
+        }
         let granted = g.next_cron_time.map(|u| u - now()).unwrap_or_default();
         let fallback = secs(co.base_interval(&opts).max(1));
         let lease_len = if granted > chrono::Duration::seconds(1) {

@@ -504,3 +504,42 @@ fn base_retry_interval() {
     assert_eq!(co.base_interval(&o(0, 30)), 10);
     assert_eq!(co.base_interval(&o(15, 3)), 15);
 }
+
+/// Headers an old dtm server kept in `ext_data` (`passthrough_headers`) are sent to the
+/// branches, as dtm does for such rows; `branch_headers` win over them.
+#[test]
+fn passthrough_headers_of_old_rows_reach_branch_calls() {
+    let co = Coordinator::new(
+        Arc::new(MemStore::default()),
+        Arc::new(Script::default()),
+        Settings::default(),
+    );
+    let g = TransGlobal {
+        gid: "g".into(),
+        trans_type: "saga".into(),
+        options: r#"{"branch_headers":{"x-both":"branch"}}"#.into(),
+        ext_data: r#"{"headers":{"x-old":"1","x-both":"ext"}}"#.into(),
+        ..TransGlobal::default()
+    };
+    let ctx = super::Ctx::new(&co, g, vec![]);
+    let call = ctx.call("http://b/x", vec![], "01", "action");
+    let h: Vec<(&str, &str)> = call
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(h, [("x-both", "branch"), ("x-old", "1")]);
+
+    // no ext_data, or another shape: nothing added
+    for ext in ["", "{}", "not json", r#"{"headers":[1]}"#] {
+        let g = TransGlobal {
+            ext_data: ext.into(),
+            ..TransGlobal::default()
+        };
+        let ctx = super::Ctx::new(&co, g, vec![]);
+        assert!(
+            ctx.call("u", vec![], "01", "action").headers.is_empty(),
+            "{ext}"
+        );
+    }
+}
