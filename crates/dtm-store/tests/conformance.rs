@@ -181,10 +181,19 @@ async fn update_global_guards(s: &dyn Store) -> R {
         update_time: t2,
         ..Default::default()
     };
+    // with an update of a branch that does not exist: like an SQL UPDATE, not created
+    let mut bu = bu;
+    bu.push(BranchUpdate {
+        branch_id: "09".into(),
+        op: "action".into(),
+        status: "succeed".into(),
+        time: t,
+    });
     assert_eq!(
         s.write(upd("submitted", Some("node-a"), set, bu)).await?,
         WriteOutcome::Done
     );
+    assert_eq!(s.find_branches(&g).await?.len(), 1, "no branch created");
     let got = s.find_global(&g).await?.ok_or("gone")?;
     assert_eq!(got.status, "succeed");
     assert_eq!(got.finish_time, Some(t2));
@@ -195,6 +204,23 @@ async fn update_global_guards(s: &dyn Store) -> R {
     assert_eq!(got.owner, "node-a");
     let b = &s.find_branches(&g).await?[0];
     assert_eq!((b.status.as_str(), b.finish_time), ("succeed", Some(t)));
+    // ... and nothing of it is left to clash with a later registration of that branch
+    assert_eq!(
+        s.write(WriteOp::AddBranches {
+            gid: g.clone(),
+            expect_status: "succeed".into(),
+            branches: vec![branch(&g, "09", "action", t)],
+        })
+        .await?,
+        WriteOutcome::Done
+    );
+    let ids: Vec<String> = s
+        .find_branches(&g)
+        .await?
+        .into_iter()
+        .map(|b| format!("{}:{}", b.branch_id, b.status))
+        .collect();
+    assert_eq!(ids, ["01:succeed", "09:prepared"]);
     // unknown gid
     assert_eq!(
         s.write(WriteOp::UpdateGlobal {
