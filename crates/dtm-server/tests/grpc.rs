@@ -70,6 +70,20 @@ impl Env {
         r
     }
 
+    /// A `PrepareWorkflow` request for workflow `name` with input `data`, resumed through
+    /// the simulator's workflow service.
+    fn workflow(&self, gid: &str, name: &str, data: &[u8]) -> DtmRequest {
+        DtmRequest {
+            gid: gid.into(),
+            trans_type: "workflow".into(),
+            query_prepared: self.g.workflow_url(),
+            customed_data: json!({"name": name, "data": dtm_proto::base64_encode(data)})
+                .to_string(),
+            steps: "null".into(),
+            ..Default::default()
+        }
+    }
+
     /// Wait until `route` was called for `gid` at least `n` times.
     async fn wait_calls(&self, gid: &str, route: &str, n: usize) -> R {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -764,15 +778,7 @@ async fn xa_grpc_commits_in_order_and_rolls_back() -> R {
 async fn workflow_grpc_progress_and_resume() -> R {
     let mut e = setup().await?;
     let gid = e.gid().await?;
-    let prep = DtmRequest {
-        gid: gid.clone(),
-        trans_type: "workflow".into(),
-        query_prepared: e.g.workflow_url(),
-        customed_data: json!({"name": "wf_transfer", "data": dtm_proto::base64_encode(b"input")})
-            .to_string(),
-        steps: "null".into(),
-        ..Default::default()
-    };
+    let prep = e.workflow(&gid, "wf_transfer", b"input");
     let reply = e.dtm.prepare_workflow(prep.clone()).await?.into_inner();
     let t = reply.transaction.clone().unwrap_or_default();
     assert_eq!(
@@ -841,14 +847,7 @@ async fn workflow_grpc_progress_and_resume() -> R {
 async fn workflow_grpc_finishes_failed() -> R {
     let mut e = setup().await?;
     let gid = e.gid().await?;
-    let prep = DtmRequest {
-        gid: gid.clone(),
-        trans_type: "workflow".into(),
-        query_prepared: e.g.workflow_url(),
-        customed_data: json!({"name": "wf", "data": ""}).to_string(),
-        steps: "null".into(),
-        ..Default::default()
-    };
+    let prep = e.workflow(&gid, "wf", b"");
     e.dtm.prepare_workflow(prep.clone()).await?;
     let mut fin = prep.clone();
     fin.req_extra = [
