@@ -223,10 +223,23 @@ async fn topics_subscribe_unsubscribe_delete_and_kv() -> R {
     let (_, p) = s.get("scanKV?cat=topics&limit=1").await?;
     let pos = p["next_position"].as_str().unwrap_or("").to_string();
     assert!(!pos.is_empty());
+    // the next page of one has another token and another key
+    let (_, p1) = s
+        .get(&format!("scanKV?cat=topics&limit=1&position={pos}"))
+        .await?;
+    let pos1 = p1["next_position"].as_str().unwrap_or("").to_string();
+    assert!(!pos1.is_empty() && pos1 != pos, "{pos} then {pos1}");
     let (_, p2) = s
-        .get(&format!("scanKV?cat=topics&limit=100&position={pos}"))
+        .get(&format!("scanKV?cat=topics&limit=100&position={pos1}"))
         .await?;
     assert_eq!(p2["next_position"], "");
+    let mut keys: Vec<String> = [&p, &p1, &p2]
+        .iter()
+        .flat_map(|page| page["kv"].as_array().cloned().unwrap_or_default())
+        .filter_map(|kv| kv["k"].as_str().map(str::to_string))
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["t1", "t2", "t3", "t4"], "every topic once");
     let r = s
         .http
         .delete(format!("{}/topic/nope", s.api))
