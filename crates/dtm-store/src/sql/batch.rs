@@ -88,6 +88,12 @@ pub(crate) fn place(d: Dialect, op: &WriteOp) -> Place {
     }
 }
 
+/// Whether this dialect writes a whole group with one statement ([`PG_GROUP`]), so that
+/// a batch that is one group needs no transaction around it.
+pub(crate) fn group_is_one_statement(d: Dialect) -> bool {
+    d == Dialect::Postgres
+}
+
 fn key_of(d: Dialect, gid: &str) -> String {
     match d {
         Dialect::Postgres => gid.to_string(),

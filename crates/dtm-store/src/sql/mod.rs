@@ -431,19 +431,26 @@ async fn one_statement(
 ) -> Attempt {
     match batch::apply_group(c, ops).await {
         Ok(rs) => Attempt::Done(rs),
-        Err(e) => match engine.classify(&e) {
-            ErrClass::Unique | ErrClass::Statement => {
-                tracing::debug!(
-                    "{}: {e}; running the batch op by op to find the op",
-                    errs.desc
-                );
-                Attempt::OneByOne
-            }
-            // like a failed COMMIT: the change may or may not be applied
-            class @ (ErrClass::Retry | ErrClass::Connection) => {
-                Attempt::Fail(class, "apply the change", e)
-            }
-        },
+        // in autocommit mode a failed statement is like a failed COMMIT
+        Err(e) => group_failed(engine, errs, e),
+    }
+}
+
+/// What to do after a grouped statement failed (its changes are rolled back): a database
+/// error cannot be pinned on one op, so the batch runs again op by op, which finds it;
+/// deadlocks and lost connections fail (or rerun) the batch.
+fn group_failed(engine: &dyn Engine, errs: &Errs, e: DbError) -> Attempt {
+    match engine.classify(&e) {
+        ErrClass::Unique | ErrClass::Statement => {
+            tracing::debug!(
+                "{}: {e}; running the batch op by op to find the op",
+                errs.desc
+            );
+            Attempt::OneByOne
+        }
+        class @ (ErrClass::Retry | ErrClass::Connection) => {
+            Attempt::Fail(class, "apply the change", e)
+        }
     }
 }
 
@@ -464,7 +471,7 @@ async fn try_batch(
         );
     }
     let d = engine.dialect();
-    if grouped && live == ops.len() && one_group(d, ops) {
+    if grouped && live == ops.len() && batch::group_is_one_statement(d) && one_group(d, ops) {
         match engine.autocommit_batch().await {
             Ok(Some(mut c)) => return one_statement(engine, errs, &mut *c, ops).await,
             Ok(None) => {}
@@ -500,20 +507,8 @@ async fn try_batch(
                     }
                 }
                 Err(e) => {
-                    let class = engine.classify(&e);
                     let _ = tx.rollback().await;
-                    return match class {
-                        ErrClass::Unique | ErrClass::Statement => {
-                            tracing::debug!(
-                                "{}: {e}; running the batch op by op to find the op",
-                                errs.desc
-                            );
-                            Attempt::OneByOne
-                        }
-                        ErrClass::Retry | ErrClass::Connection => {
-                            Attempt::Fail(class, "apply the change", e)
-                        }
-                    };
+                    return group_failed(engine, errs, e);
                 }
             }
         }
