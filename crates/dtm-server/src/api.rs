@@ -387,8 +387,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/unsubscribe", get(unsubscribe).post(unsubscribe))
         .route("/topic/{name}", delete(delete_topic))
         .route("/scanKV", get(scan_kv))
-        .route("/queryKV", get(query_kv))
-        .method_not_allowed_fallback(method_not_allowed);
+        .route("/queryKV", get(query_kv));
     Router::new()
         .nest("/api/dtmsvr", api)
         .route("/api/ping", any(ping))
