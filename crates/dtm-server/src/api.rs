@@ -28,20 +28,46 @@ pub struct AppState {
 
 type Q = Query<HashMap<String, String>>;
 
+const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
+
+/// A JSON answer. The value is written with `serde_json::to_vec`, not `to_string`: the
+/// `Display` route goes through `fmt::Write` a token at a time, which made a `query`
+/// answer cost several times its encoding.
 fn json_response(status: StatusCode, v: Value) -> Response {
+    json_answer(status, &v)
+}
+
+/// A JSON answer written straight from a serializable value, with no `Value` in between.
+fn json_answer<T: serde::Serialize + ?Sized>(status: StatusCode, v: &T) -> Response {
+    let body = match serde_json::to_vec(v) {
+        Ok(b) => b,
+        // The answers are plain data (strings, numbers, string-keyed maps) and always
+        // encode; should one not, the client still gets valid JSON and a clear status.
+        Err(e) => {
+            tracing::error!("encoding a JSON answer failed: {e}");
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(axum::http::header::CONTENT_TYPE, JSON_CONTENT_TYPE)],
+                r#"{"dtm_result":"FAILURE","message":"the server could not encode its answer"}"#,
+            )
+                .into_response();
+        }
+    };
     (
         status,
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/json; charset=utf-8",
-        )],
-        v.to_string(),
+        [(axum::http::header::CONTENT_TYPE, JSON_CONTENT_TYPE)],
+        body,
     )
         .into_response()
 }
 
 fn success() -> Response {
-    json_response(StatusCode::OK, json!({"dtm_result": "SUCCESS"}))
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, JSON_CONTENT_TYPE)],
+        r#"{"dtm_result":"SUCCESS"}"#,
+    )
+        .into_response()
 }
 
 fn error_response(e: &ApiError) -> Response {
@@ -192,9 +218,17 @@ async fn query(State(s): State<AppState>, Query(q): Q) -> Response {
         async {
             let gid = q.get("gid").cloned().unwrap_or_default();
             let r = s.co.query(&gid).await?;
-            Ok(json_response(
+            #[derive(serde::Serialize)]
+            struct Answer<'a> {
+                transaction: &'a Option<dtm_proto::TransGlobal>,
+                branches: &'a [dtm_proto::Branch],
+            }
+            Ok(json_answer(
                 StatusCode::OK,
-                json!({"transaction": r.transaction, "branches": r.branches}),
+                &Answer {
+                    transaction: &r.transaction,
+                    branches: &r.branches,
+                },
             ))
         }
         .await,
@@ -367,30 +401,37 @@ async fn count(
     resp
 }
 
+/// dtm's API lives under this prefix. Its routes are registered with the prefix written
+/// out, not with `Router::nest`, which rebuilds every request's URI to strip it.
+const API: &str = "/api/dtmsvr";
+
 pub fn router(state: AppState, max_body: usize) -> Router {
-    let api = Router::new()
-        .route("/newGid", get(new_gid).post(new_gid))
-        .route("/version", get(version))
-        .route("/prepare", post(prepare))
-        .route("/submit", post(submit))
-        .route("/abort", post(abort))
-        .route("/registerBranch", post(register_branch))
-        .route("/registerTccBranch", post(register_branch))
-        .route("/registerXaBranch", post(register_branch))
-        .route("/prepareWorkflow", post(prepare_workflow))
-        .route("/query", get(query))
-        .route("/all", get(all))
-        .route("/forceStop", post(force_stop))
-        .route("/resetNextCronTime", post(reset_next_cron_time))
-        .route("/resetCronTime", get(reset_cron_time).post(reset_cron_time))
-        .route("/subscribe", get(subscribe).post(subscribe))
-        .route("/unsubscribe", get(unsubscribe).post(unsubscribe))
-        .route("/topic/{name}", delete(delete_topic))
-        .route("/scanKV", get(scan_kv))
-        .route("/queryKV", get(query_kv));
-    Router::new()
-        .nest("/api/dtmsvr", api)
-        .route("/api/ping", any(ping))
+    let api: [(&str, axum::routing::MethodRouter<AppState>); 19] = [
+        ("/newGid", get(new_gid).post(new_gid)),
+        ("/version", get(version)),
+        ("/prepare", post(prepare)),
+        ("/submit", post(submit)),
+        ("/abort", post(abort)),
+        ("/registerBranch", post(register_branch)),
+        ("/registerTccBranch", post(register_branch)),
+        ("/registerXaBranch", post(register_branch)),
+        ("/prepareWorkflow", post(prepare_workflow)),
+        ("/query", get(query)),
+        ("/all", get(all)),
+        ("/forceStop", post(force_stop)),
+        ("/resetNextCronTime", post(reset_next_cron_time)),
+        ("/resetCronTime", get(reset_cron_time).post(reset_cron_time)),
+        ("/subscribe", get(subscribe).post(subscribe)),
+        ("/unsubscribe", get(unsubscribe).post(unsubscribe)),
+        ("/topic/{name}", delete(delete_topic)),
+        ("/scanKV", get(scan_kv)),
+        ("/queryKV", get(query_kv)),
+    ];
+    let mut r = Router::new();
+    for (path, method_router) in api {
+        r = r.route(&format!("{API}{path}"), method_router);
+    }
+    r.route("/api/ping", any(ping))
         .route("/api/json-rpc", post(crate::jrpc::handle))
         .route("/api/metrics", get(metrics))
         .method_not_allowed_fallback(method_not_allowed)
