@@ -431,9 +431,10 @@ fn apply_batch_plain(
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .ok()?;
     let mut results = Vec::with_capacity(batch.len());
+    let mut hot = Hot::new(&tx);
     for job in batch {
         let before = tx.total_changes();
-        let r = run_work(&tx, &job.op);
+        let r = run_work(&mut hot, &job.op);
         match &r {
             Ok(_) => {}
             Err(StoreError::NotFound | StoreError::UniqueConflict)
@@ -443,14 +444,15 @@ fn apply_batch_plain(
         }
         results.push(r);
     }
+    drop(hot);
     tx.commit().ok()?;
     Some(results)
 }
 
-fn run_work(c: &Connection, w: &Work) -> Result<WriteOutcome, StoreError> {
+fn run_work(h: &mut Hot<'_>, w: &Work) -> Result<WriteOutcome, StoreError> {
     match w {
-        Work::Op(op) => apply_one(c, op),
-        Work::Purge { before, limit } => purge(c, *before, *limit),
+        Work::Op(op) => apply_one(h, op),
+        Work::Purge { before, limit } => purge(h.c, *before, *limit),
     }
 }
 
@@ -466,11 +468,12 @@ fn apply_batch_savepoints(
         Err(e) => return fail_all(db_err(e)),
     };
     let mut results = Vec::with_capacity(batch.len());
+    let mut hot = Hot::new(&tx);
     for job in batch {
         let r = match exec_cached(&tx, "SAVEPOINT op") {
             Err(e) => Err(db_err(e)),
             Ok(()) => {
-                let r = run_work(&tx, &job.op);
+                let r = run_work(&mut hot, &job.op);
                 let undo = if r.is_err() {
                     exec_cached(&tx, "ROLLBACK TO op")
                 } else {
@@ -484,6 +487,7 @@ fn apply_batch_savepoints(
         };
         results.push(r);
     }
+    drop(hot);
     match tx.commit() {
         Ok(()) => results,
         Err(e) => fail_all(db_err(e)),
@@ -491,12 +495,65 @@ fn apply_batch_savepoints(
 }
 
 /// Insert the branches of the transaction whose `trans_global` row id is `global_id`.
-fn insert_branches(c: &Connection, global_id: i64, branches: &[Branch]) -> Result<(), StoreError> {
-    let mut stmt = c
-        .prepare_cached(
-            "INSERT INTO trans_branch (global_id, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )
-        .map_err(db_err)?;
+/// The statements every saga runs, taken from the statement cache once per batch instead
+/// of once per op: a cache lookup hashes the SQL text twice and copies it, which cost the
+/// writer more than binding the parameters (bench/README.md, fifth round).
+#[derive(Clone, Copy)]
+enum HotSql {
+    InsertGlobal = 0,
+    InsertBranch = 1,
+    IdOfGid = 2,
+    IdStatusOfGid = 3,
+    UpdateBranch = 4,
+}
+
+impl HotSql {
+    fn text(self) -> &'static str {
+        match self {
+            HotSql::InsertGlobal => {
+                "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) ON CONFLICT (gid) DO NOTHING"
+            }
+            HotSql::InsertBranch => {
+                "INSERT INTO trans_branch (global_id, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            }
+            HotSql::IdOfGid => "SELECT id FROM trans_global WHERE gid = ?1",
+            HotSql::IdStatusOfGid => "SELECT id, status FROM trans_global WHERE gid = ?1",
+            HotSql::UpdateBranch => {
+                "UPDATE trans_branch SET status = ?1, finish_time = ?2, update_time = ?2 WHERE global_id = ?3 AND branch_id = ?4 AND op = ?5"
+            }
+        }
+    }
+}
+
+/// A batch's connection and its hot statements, each prepared (from the cache) on first
+/// use and returned to the cache when the batch ends.
+struct Hot<'c> {
+    c: &'c Connection,
+    slots: [Option<rusqlite::CachedStatement<'c>>; 5],
+}
+
+impl<'c> Hot<'c> {
+    fn new(c: &'c Connection) -> Self {
+        Hot {
+            c,
+            slots: Default::default(),
+        }
+    }
+
+    fn stmt(&mut self, which: HotSql) -> Result<&mut rusqlite::CachedStatement<'c>, StoreError> {
+        let slot = &mut self.slots[which as usize];
+        match slot {
+            Some(stmt) => Ok(stmt),
+            None => Ok(slot.insert(self.c.prepare_cached(which.text()).map_err(db_err)?)),
+        }
+    }
+}
+
+fn insert_branches(h: &mut Hot<'_>, global_id: i64, branches: &[Branch]) -> Result<(), StoreError> {
+    if branches.is_empty() {
+        return Ok(());
+    }
+    let stmt = h.stmt(HotSql::InsertBranch)?;
     for b in branches {
         stmt.execute(params![
             global_id,
@@ -515,8 +572,6 @@ fn insert_branches(c: &Connection, global_id: i64, branches: &[Branch]) -> Resul
     Ok(())
 }
 
-const UPDATE_BRANCH: &str = "UPDATE trans_branch SET status = ?1, finish_time = ?2, update_time = ?2 WHERE global_id = ?3 AND branch_id = ?4 AND op = ?5";
-
 /// The guarded update of the global with row id `id`. Its id is looked up first, not
 /// taken from `UPDATE .. RETURNING id`: SQLite collects RETURNING rows in a temporary
 /// table whose page cache it allocates and frees per statement (glibc then returned the
@@ -528,7 +583,10 @@ fn update_global_sql(
     expect_owner: Option<&str>,
 ) -> (String, Vec<Sql>) {
     let (cols, mut vals) = update_sql(set);
-    let mut sql = format!("UPDATE trans_global SET {cols} WHERE id = ? AND status = ?");
+    let mut sql = String::with_capacity(cols.len() + 80);
+    sql.push_str("UPDATE trans_global SET ");
+    sql.push_str(&cols);
+    sql.push_str(" WHERE id = ? AND status = ?");
     vals.push(Sql::Integer(id));
     vals.push(Sql::Text(expect_status.to_string()));
     if let Some(o) = expect_owner {
@@ -538,11 +596,15 @@ fn update_global_sql(
     (sql, vals)
 }
 
-fn update_branches(c: &Connection, global_id: i64, ups: &[BranchUpdate]) -> Result<(), StoreError> {
+fn update_branches(
+    h: &mut Hot<'_>,
+    global_id: i64,
+    ups: &[BranchUpdate],
+) -> Result<(), StoreError> {
     if ups.is_empty() {
         return Ok(());
     }
-    let mut stmt = c.prepare_cached(UPDATE_BRANCH).map_err(db_err)?;
+    let stmt = h.stmt(HotSql::UpdateBranch)?;
     for u in ups {
         stmt.execute(params![
             u.status,
@@ -556,17 +618,15 @@ fn update_branches(c: &Connection, global_id: i64, ups: &[BranchUpdate]) -> Resu
     Ok(())
 }
 
-fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+    let c = h.c;
     match op {
         WriteOp::SaveNew {
             global: g,
             branches,
         } => {
-            let n = c
-                .prepare_cached(
-                    "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) ON CONFLICT (gid) DO NOTHING",
-                )
-                .map_err(db_err)?
+            let n = h
+                .stmt(HotSql::InsertGlobal)?
                 .execute(params![
                     g.gid,
                     g.trans_type,
@@ -590,7 +650,7 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
             if n == 0 {
                 return Err(StoreError::UniqueConflict);
             }
-            insert_branches(c, c.last_insert_rowid(), branches)?;
+            insert_branches(h, c.last_insert_rowid(), branches)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::AddBranches {
@@ -598,14 +658,13 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
             expect_status,
             branches,
         } => {
-            let row: Option<(i64, String)> = c
-                .prepare_cached("SELECT id, status FROM trans_global WHERE gid = ?1")
-                .map_err(db_err)?
+            let row: Option<(i64, String)> = h
+                .stmt(HotSql::IdStatusOfGid)?
                 .query_row(params![gid], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()
                 .map_err(db_err)?;
             match row {
-                Some((id, st)) if st == *expect_status => insert_branches(c, id, branches)?,
+                Some((id, st)) if st == *expect_status => insert_branches(h, id, branches)?,
                 _ => return Err(StoreError::NotFound),
             }
             Ok(WriteOutcome::Done)
@@ -618,9 +677,8 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
             branches,
         } => {
             // the gid is looked up once; the global and its branches are then found by id
-            let id: i64 = c
-                .prepare_cached("SELECT id FROM trans_global WHERE gid = ?1")
-                .map_err(db_err)?
+            let id: i64 = h
+                .stmt(HotSql::IdOfGid)?
                 .query_row(params![gid], |r| r.get(0))
                 .optional()
                 .map_err(db_err)?
@@ -634,7 +692,7 @@ fn apply_one(c: &Connection, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
             if n == 0 {
                 return Err(StoreError::NotFound);
             }
-            update_branches(c, id, branches)?;
+            update_branches(h, id, branches)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::ResetNextCronTime { gid, now } => {
@@ -769,34 +827,35 @@ fn purge(c: &Connection, before: i64, limit: usize) -> Result<WriteOutcome, Stor
 }
 
 fn update_sql(u: &GlobalUpdate) -> (String, Vec<Sql>) {
-    let mut cols = vec!["update_time = ?".to_string()];
+    let mut cols = String::with_capacity(128);
+    cols.push_str("update_time = ?");
     let mut vals = vec![Sql::Integer(u.update_time.timestamp_millis())];
-    let mut text = |name: &str, v: &Option<String>| {
+    let mut text = |set: &str, v: &Option<String>| {
         if let Some(v) = v {
-            cols.push(format!("{name} = ?"));
+            cols.push_str(set);
             vals.push(Sql::Text(v.clone()));
         }
     };
-    text("status", &u.status);
-    text("rollback_reason", &u.rollback_reason);
-    text("result", &u.result);
-    text("custom_data", &u.custom_data);
-    text("owner", &u.owner);
-    for (name, t) in [
-        ("finish_time", &u.finish_time),
-        ("rollback_time", &u.rollback_time),
-        ("next_cron_time", &u.next_cron_time),
+    text(", status = ?", &u.status);
+    text(", rollback_reason = ?", &u.rollback_reason);
+    text(", result = ?", &u.result);
+    text(", custom_data = ?", &u.custom_data);
+    text(", owner = ?", &u.owner);
+    for (set, t) in [
+        (", finish_time = ?", &u.finish_time),
+        (", rollback_time = ?", &u.rollback_time),
+        (", next_cron_time = ?", &u.next_cron_time),
     ] {
         if let Some(t) = t {
-            cols.push(format!("{name} = ?"));
+            cols.push_str(set);
             vals.push(Sql::Integer(t.timestamp_millis()));
         }
     }
     if let Some(i) = u.next_cron_interval {
-        cols.push("next_cron_interval = ?".into());
+        cols.push_str(", next_cron_interval = ?");
         vals.push(Sql::Integer(i));
     }
-    (cols.join(", "), vals)
+    (cols, vals)
 }
 
 #[async_trait]
@@ -1041,7 +1100,6 @@ mod tests {
         let path = dir.path().join("t.sqlite");
         let store = SqliteStore::open(&path, Sync::Normal).unwrap_or_else(|e| panic!("{e}"));
         let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        let insert = "INSERT INTO trans_global (gid, trans_type, status, next_cron_time) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (gid) DO NOTHING";
         let set = GlobalUpdate {
             status: Some("succeed".into()),
             next_cron_time: Some(Utc::now()),
@@ -1049,9 +1107,10 @@ mod tests {
         };
         let (update, vals) = update_global_sql(&set, 1, "submitted", Some("node"));
         for (sql, n) in [
-            (insert, 4),
+            (HotSql::InsertGlobal.text(), 17),
             (update.as_str(), vals.len()),
-            (UPDATE_BRANCH, 5),
+            (HotSql::UpdateBranch.text(), 5),
+            (HotSql::InsertBranch.text(), 10),
         ] {
             let ops = opcodes(&c, sql, n);
             assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{sql}: {ops:?}");
