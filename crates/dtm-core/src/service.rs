@@ -173,18 +173,20 @@ impl Coordinator {
                 req.steps.len()
             )));
         }
-        let check_url = |what: &str, u: &str| -> Result<(), ApiError> {
+        // `what` names the field for the error; it is only formatted when one is returned.
+        let check_url = |what: &dyn Fn() -> String, u: &str| -> Result<(), ApiError> {
             if u.is_empty() || is_http_url(u) {
                 return Ok(());
             }
-            if is_msg && what.ends_with("action") && u.starts_with("topic://") {
+            if is_msg && what().ends_with("action") && u.starts_with("topic://") {
                 return Ok(());
             }
             if req.protocol == protocol::GRPC && is_grpc_url(u) {
                 return Ok(());
             }
             Err(ApiError::BadRequest(format!(
-                "{what} URL '{u}' is not usable with protocol '{}': use http(s)://host/path{}",
+                "{} URL '{u}' is not usable with protocol '{}': use http(s)://host/path{}",
+                what(),
                 req.protocol,
                 if req.protocol == protocol::GRPC {
                     " or host:port/package.Service/Method"
@@ -196,15 +198,15 @@ impl Coordinator {
         for (i, s) in req.steps.iter().enumerate() {
             if is_saga || is_msg {
                 let action = s.get(op::ACTION).map(String::as_str).unwrap_or("");
-                check_url(&format!("steps[{i}].action"), action)?;
+                check_url(&|| format!("steps[{i}].action"), action)?;
             }
             if is_saga {
                 let c = s.get(op::COMPENSATE).map(String::as_str).unwrap_or("");
-                check_url(&format!("steps[{i}].compensate"), c)?;
+                check_url(&|| format!("steps[{i}].compensate"), c)?;
             }
         }
         if is_msg && !req.query_prepared.is_empty() {
-            check_url("query_prepared", &req.query_prepared)?;
+            check_url(&|| "query_prepared".to_string(), &req.query_prepared)?;
         }
         if is_saga {
             process::saga::parse_custom(&req.custom_data, req.steps.len())

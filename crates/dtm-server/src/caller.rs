@@ -69,17 +69,21 @@ fn is_http(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
 }
 
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+/// Percent-encode `s` as a query value (RFC 3986 unreserved characters kept) onto `out`.
+fn encode_into(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
                 out.push(b as char)
             }
-            _ => out.push_str(&format!("%{b:02X}")),
+            _ => {
+                out.push('%');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 15)] as char);
+            }
         }
     }
-    out
 }
 
 /// Add query parameters to a URL, keeping any it has (and its fragment last).
@@ -88,7 +92,9 @@ pub fn with_query(url: &str, params: &[(&str, &String)]) -> String {
         Some((b, f)) => (b, Some(f)),
         None => (url, None),
     };
-    let mut out = base.to_string();
+    let extra: usize = params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let mut out = String::with_capacity(url.len() + extra + 8);
+    out.push_str(base);
     let mut sep = if base.contains('?') {
         if base.ends_with('?') || base.ends_with('&') {
             ""
@@ -102,7 +108,7 @@ pub fn with_query(url: &str, params: &[(&str, &String)]) -> String {
         out.push_str(sep);
         out.push_str(k);
         out.push('=');
-        out.push_str(&encode(v));
+        encode_into(&mut out, v);
         sep = "&";
     }
     if let Some(f) = frag {
@@ -483,6 +489,12 @@ mod tests {
         assert_eq!(
             super::with_query("http://h/a?uid=1", &[("gid", &g)]),
             "http://h/a?uid=1&gid=g%201"
+        );
+        let odd = "a&b=c/é~".to_string();
+        let op = "action".to_string();
+        assert_eq!(
+            super::with_query("http://h/a?#frag", &[("gid", &odd), ("op", &op)]),
+            "http://h/a?gid=a%26b%3Dc%2F%C3%A9~&op=action#frag"
         );
     }
 
