@@ -32,6 +32,20 @@ for s in $stores; do
   DTM_TEST_STORE="$s" cargo test --workspace --lib --bins --tests --no-fail-fast 2>&1 | tee -a "$log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
+# dtm's own Python client (dtmcli from PyPI) against the server, once, on the embedded
+# store; skipped with a note when the client cannot be installed (no network)
+echo "=== dtm's Python client (scripts/compat-python.sh) ==="
+compat_out=$(mktemp)
+DTM_BIN=target/debug/dtm scripts/compat-python.sh 2>&1 | tee "$compat_out"
+compat=${PIPESTATUS[0]}
+ok=$(grep -c '^ok ' "$compat_out")
+bad=$(grep -c '^FAIL ' "$compat_out")
+rm -f "$compat_out"
+case $compat in
+  0) echo "test result: ok. $ok passed; 0 failed (compat-python)" >>"$log" ;;
+  3) echo "compat-python: SKIPPED, dtmcli could not be installed" ;;
+  *) echo "test result: FAILED. $ok passed; $((bad > 0 ? bad : 1)) failed (compat-python)" >>"$log"; status=1 ;;
+esac
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 rm -f "$log"
