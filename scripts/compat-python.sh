@@ -34,11 +34,13 @@ trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
 (cd "$dir" && HTTP_PORT=$http_port GRPC_PORT=$grpc_port RETRY_INTERVAL=1 \
   TRANS_CRON_INTERVAL=1 LOG_LEVEL=warn exec "$bin") >"$dir/dtm.log" 2>&1 &
 pid=$!
+up() { "$venv/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+  "http://127.0.0.1:$http_port/api/ping" 2>/dev/null; }
 for _ in $(seq 1 100); do
-  curl -sf "http://127.0.0.1:$http_port/api/ping" >/dev/null && break
+  up && break
   sleep 0.1
 done
-if ! curl -sf "http://127.0.0.1:$http_port/api/ping" >/dev/null; then
+if ! up; then
   echo "compat-python: the server did not start:" >&2
   cat "$dir/dtm.log" >&2
   exit 1
