@@ -494,7 +494,6 @@ fn apply_batch_savepoints(
     }
 }
 
-/// Insert the branches of the transaction whose `trans_global` row id is `global_id`.
 /// The statements every saga runs, taken from the statement cache once per batch instead
 /// of once per op: a cache lookup hashes the SQL text twice and copies it, which cost the
 /// writer more than binding the parameters (bench/README.md, fifth round).
@@ -549,6 +548,7 @@ impl<'c> Hot<'c> {
     }
 }
 
+/// Insert the branches of the transaction whose `trans_global` row id is `global_id`.
 fn insert_branches(h: &mut Hot<'_>, global_id: i64, branches: &[Branch]) -> Result<(), StoreError> {
     if branches.is_empty() {
         return Ok(());
