@@ -38,7 +38,7 @@ fn json_response(status: StatusCode, v: Value) -> Response {
 }
 
 /// A JSON answer written straight from a serializable value, with no `Value` in between.
-fn json_answer<T: serde::Serialize + ?Sized>(status: StatusCode, v: &T) -> Response {
+pub(crate) fn json_answer<T: serde::Serialize + ?Sized>(status: StatusCode, v: &T) -> Response {
     let body = match serde_json::to_vec(v) {
         Ok(b) => b,
         // The answers are plain data (strings, numbers, string-keyed maps) and always
