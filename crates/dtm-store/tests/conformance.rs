@@ -644,6 +644,37 @@ async fn assert_stored(s: &dyn Store, stored: Vec<(TransGlobal, Vec<Branch>)>) -
     Ok(())
 }
 
+/// Writes to issue together, the result each should get, and what the inserts among
+/// them should leave stored.
+#[derive(Default)]
+struct Group {
+    ops: Vec<WriteOp>,
+    want: Vec<Result<WriteOutcome, StoreError>>,
+    stored: Vec<(TransGlobal, Vec<Branch>)>,
+}
+
+impl Group {
+    /// A SaveNew of `gl` with `bs`: a unique conflict when `conflict`, else stored whole.
+    fn save(&mut self, gl: TransGlobal, bs: Vec<Branch>, conflict: bool) {
+        self.ops.push(WriteOp::SaveNew {
+            global: gl.clone(),
+            branches: bs.clone(),
+        });
+        if conflict {
+            self.want.push(Err(StoreError::UniqueConflict));
+        } else {
+            self.want.push(Ok(WriteOutcome::Done));
+            self.stored.push((gl, bs));
+        }
+    }
+
+    /// Issue the writes together and check their results and what they stored.
+    async fn check(self, s: &Arc<dyn Store>) -> R {
+        assert_eq!(together(s, self.ops).await?, self.want);
+        assert_stored(&**s, self.stored).await
+    }
+}
+
 /// Many inserts in one batch: one gid exists already and one comes twice; those two fail
 /// alone (the first of the twice-written gid wins), every other insert is stored whole,
 /// branches in order.
@@ -657,7 +688,7 @@ async fn saves_in_one_batch(s: Arc<dyn Store>) -> R {
     )
     .await?;
     let twice = gid("btwice");
-    let (mut ops, mut want, mut stored) = (vec![], vec![], vec![]);
+    let mut grp = Group::default();
     for i in 0..40 {
         let g = match i {
             13 => old.clone(),
@@ -667,20 +698,9 @@ async fn saves_in_one_batch(s: Arc<dyn Store>) -> R {
         let mut gl = global(&g, "submitted", t);
         gl.custom_data = format!(r#"{{"i":{i}}}"#);
         gl.next_cron_time = Some(t + Duration::milliseconds(i));
-        let bs = saga_branches(&g, t);
-        ops.push(WriteOp::SaveNew {
-            global: gl.clone(),
-            branches: bs.clone(),
-        });
-        if i == 13 || i == 29 {
-            want.push(Err(StoreError::UniqueConflict));
-        } else {
-            want.push(Ok(WriteOutcome::Done));
-            stored.push((gl, bs));
-        }
+        grp.save(gl, saga_branches(&g, t), i == 13 || i == 29);
     }
-    assert_eq!(together(&s, ops).await?, want);
-    assert_stored(&*s, stored).await?;
+    grp.check(&s).await?;
     let o = s.find_global(&old).await?.ok_or("gone")?;
     assert_eq!(o.status, "prepared");
     assert_eq!(s.find_branches(&old).await?.len(), 1);
@@ -701,13 +721,13 @@ async fn saves_and_updates_in_one_group(s: Arc<dyn Store>) -> R {
     for g in &upd {
         save(&*s, global(g, "submitted", t), saga_branches(g, t)).await?;
     }
-    let (mut ops, mut want, mut stored) = (vec![], vec![], vec![]);
+    let mut grp = Group::default();
     for i in 0..12 {
         if i % 2 == 1 {
             // an update; every third one expects a status it does not have
             let g = &upd[i / 2];
             let ok = (i / 2) % 3 != 0;
-            ops.push(WriteOp::UpdateGlobal {
+            grp.ops.push(WriteOp::UpdateGlobal {
                 gid: g.clone(),
                 expect_status: if ok { "submitted" } else { "prepared" }.into(),
                 expect_owner: None,
@@ -719,7 +739,7 @@ async fn saves_and_updates_in_one_group(s: Arc<dyn Store>) -> R {
                     time: t2,
                 }],
             });
-            want.push(if ok {
+            grp.want.push(if ok {
                 Ok(WriteOutcome::Done)
             } else {
                 Err(StoreError::NotFound)
@@ -731,21 +751,9 @@ async fn saves_and_updates_in_one_group(s: Arc<dyn Store>) -> R {
         } else {
             gid(&format!("gs{i}"))
         };
-        let gl = global(&g, "submitted", t);
-        let bs = saga_branches(&g, t);
-        ops.push(WriteOp::SaveNew {
-            global: gl.clone(),
-            branches: bs.clone(),
-        });
-        if i == 4 {
-            want.push(Err(StoreError::UniqueConflict));
-        } else {
-            want.push(Ok(WriteOutcome::Done));
-            stored.push((gl, bs));
-        }
+        grp.save(global(&g, "submitted", t), saga_branches(&g, t), i == 4);
     }
-    assert_eq!(together(&s, ops).await?, want);
-    assert_stored(&*s, stored).await?;
+    grp.check(&s).await?;
     let o = s.find_global(&old).await?.ok_or("gone")?;
     assert_eq!(o.status, "prepared");
     let ob: Vec<Branch> = s.find_branches(&old).await?;
