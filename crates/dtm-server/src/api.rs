@@ -370,7 +370,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
 /// the methods it takes).
 async fn method_not_allowed(
     method: axum::http::Method,
-    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+    uri: axum::http::Uri,
 ) -> Response {
     json_response(
         StatusCode::METHOD_NOT_ALLOWED,
