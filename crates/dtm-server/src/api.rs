@@ -368,10 +368,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
 
 /// A method the route does not take (405; the `Allow` header, which axum adds, lists
 /// the methods it takes).
-async fn method_not_allowed(
-    method: axum::http::Method,
-    uri: axum::http::Uri,
-) -> Response {
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     json_response(
         StatusCode::METHOD_NOT_ALLOWED,
         json!({"message": format!("{method} is not allowed on {}: send it with one of the methods in the Allow header", uri.path())}),
@@ -385,19 +382,21 @@ async fn count(
 ) -> Response {
     // the route that matched, not the path sent, so that the label set stays bounded:
     // the last segment that is not a parameter (`/topic/{name}` -> `topic`); a request no
-    // route matched counts as `other`
-    let api = req
+    // route matched counts as `other`. `MatchedPath` is an `Arc`: the clone copies nothing.
+    let matched = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
+        .cloned();
+    let resp = next.run(req).await;
+    let api = matched
+        .as_ref()
         .and_then(|m| {
             m.as_str()
                 .rsplit('/')
                 .find(|seg| !seg.is_empty() && !seg.starts_with('{'))
         })
-        .unwrap_or("other")
-        .to_ascii_lowercase();
-    let resp = next.run(req).await;
-    s.metrics.count_request(&api, resp.status().as_u16() < 400);
+        .unwrap_or("other");
+    s.metrics.count_request(api, resp.status().as_u16() < 400);
     resp
 }
 

@@ -4,28 +4,62 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+/// Counts by API name: `[ok, fail]`. Names are kept as given (a route's or a gRPC
+/// method's own, a fixed set) so that counting a known API allocates nothing; `render`
+/// lowercases them, as dtm labels them.
+type Counts = Mutex<BTreeMap<String, [u64; 2]>>;
+
+fn bump(counts: &Counts, api: &str, ok: bool) {
+    if let Ok(mut m) = counts.lock() {
+        let i = usize::from(!ok);
+        match m.get_mut(api) {
+            Some(c) => c[i] += 1,
+            None => {
+                let mut c = [0; 2];
+                c[i] = 1;
+                m.insert(api.to_string(), c);
+            }
+        }
+    }
+}
+
+/// `dtm_server_process_total` lines of one request type, labels lowercased.
+fn render_counts(out: &mut String, kind: &str, counts: &Counts) {
+    let Ok(m) = counts.lock() else { return };
+    let mut by_label: BTreeMap<(String, &str), u64> = BTreeMap::new();
+    for (api, c) in m.iter() {
+        for (status, n) in [("ok", c[0]), ("fail", c[1])] {
+            if n > 0 {
+                *by_label
+                    .entry((api.to_ascii_lowercase(), status))
+                    .or_default() += n;
+            }
+        }
+    }
+    for ((api, status), n) in by_label {
+        out.push_str(&format!(
+            "dtm_server_process_total{{type=\"{kind}\",api=\"{api}\",status=\"{status}\"}} {n}\n"
+        ));
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, &'static str), u64>>,
-    /// gRPC requests by lowercased method name and outcome.
-    grpc_requests: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// HTTP requests by route name (see `api::count`).
+    requests: Counts,
+    /// gRPC requests by method name.
+    grpc_requests: Counts,
 }
 
 impl Metrics {
-    /// Count a `dtmgimp.Dtm` call (`api` = the lowercased method name, as dtm labels it).
+    /// Count a `dtmgimp.Dtm` call by its method name.
     pub fn count_grpc(&self, api: &str, ok: bool) {
-        if let Ok(mut m) = self.grpc_requests.lock() {
-            *m.entry((api.to_ascii_lowercase(), if ok { "ok" } else { "fail" }))
-                .or_default() += 1;
-        }
+        bump(&self.grpc_requests, api, ok);
     }
 
+    /// Count an HTTP request by the name of the route it matched (a bounded set).
     pub fn count_request(&self, api: &str, ok: bool) {
-        if let Ok(mut m) = self.requests.lock() {
-            // `api` is a route name (see `api::count`), so the label set is bounded
-            *m.entry((api.to_string(), if ok { "ok" } else { "fail" }))
-                .or_default() += 1;
-        }
+        bump(&self.requests, api, ok);
     }
 
     pub fn render(&self, stats: &dtm_core::stats::Stats) -> String {
@@ -36,20 +70,8 @@ impl Metrics {
             crate::VERSION
         ));
         out.push_str("# HELP dtm_server_process_total All requests received by dtm\n# TYPE dtm_server_process_total counter\n");
-        if let Ok(m) = self.requests.lock() {
-            for ((api, status), n) in m.iter() {
-                out.push_str(&format!(
-                    "dtm_server_process_total{{type=\"http\",api=\"{api}\",status=\"{status}\"}} {n}\n"
-                ));
-            }
-        }
-        if let Ok(m) = self.grpc_requests.lock() {
-            for ((api, status), n) in m.iter() {
-                out.push_str(&format!(
-                    "dtm_server_process_total{{type=\"grpc\",api=\"{api}\",status=\"{status}\"}} {n}\n"
-                ));
-            }
-        }
+        render_counts(&mut out, "http", &self.requests);
+        render_counts(&mut out, "grpc", &self.grpc_requests);
         out.push_str("# HELP dtm_branch_process_total Branch calls by classified answer\n# TYPE dtm_branch_process_total counter\n");
         out.push_str("# HELP dtm_branch_unexpected_failure_total FAILURE answers from branches only SUCCESS can end (retried, alerted)\n# TYPE dtm_branch_unexpected_failure_total counter\n");
         out.push_str("# HELP dtm_transaction_status_total Status changes written by this node\n# TYPE dtm_transaction_status_total counter\n");
