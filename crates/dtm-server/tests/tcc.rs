@@ -15,6 +15,15 @@ fn tcc(gid: &str) -> Value {
     json!({"gid": gid, "trans_type": "tcc"})
 }
 
+fn xa(gid: &str) -> Value {
+    json!({"gid": gid, "trans_type": "xa"})
+}
+
+/// An XA branch whose commit and rollback go to `route`.
+fn xa_branch(b: &Busi, gid: &str, id: &str, route: &str) -> Value {
+    json!({"gid": gid, "branch_id": id, "trans_type": "xa", "url": b.route(route)})
+}
+
 async fn register(
     s: &TestServer,
     b: &Busi,
@@ -255,18 +264,16 @@ async fn tcc_headers_reach_confirms() -> R {
 #[tokio::test]
 async fn xa_commits_in_order_and_rolls_back() -> R {
     let (s, b) = setup().await?;
-    let xa = |gid: &str| json!({"gid": gid, "trans_type": "xa"});
-    let reg = |gid: &str, id: &str, route: &str| json!({"gid": gid, "branch_id": id, "trans_type": "xa", "url": b.route(route)});
     let gid = s.new_gid().await?;
     s.post("prepare", &xa(&gid)).await?;
     assert_eq!(
-        s.post("registerBranch", &reg(&gid, "01", "TransOut"))
+        s.post("registerBranch", &xa_branch(&b, &gid, "01", "TransOut"))
             .await?
             .0,
         200
     );
     assert_eq!(
-        s.post("registerBranch", &reg(&gid, "02", "TransIn"))
+        s.post("registerBranch", &xa_branch(&b, &gid, "02", "TransIn"))
             .await?
             .0,
         200
@@ -280,7 +287,7 @@ async fn xa_commits_in_order_and_rolls_back() -> R {
 
     let gid = s.new_gid().await?;
     s.post("prepare", &xa(&gid)).await?;
-    s.post("registerBranch", &reg(&gid, "01", "TransOut"))
+    s.post("registerBranch", &xa_branch(&b, &gid, "01", "TransOut"))
         .await?;
     s.post("abort", &xa(&gid)).await?;
     s.wait_status(&gid, "failed", 10).await?;
@@ -299,12 +306,7 @@ async fn xa_prepared_times_out_to_failed() -> R {
     )
     .await?;
     s.wait_status(&gid, "failed", 10).await?;
-    assert_eq!(
-        s.post("submit", &json!({"gid": gid, "trans_type": "xa"}))
-            .await?
-            .0,
-        409
-    );
+    assert_eq!(s.post("submit", &xa(&gid)).await?.0, 409);
     let (t, b) = s.query(&gid).await?;
     assert_eq!(t["rollback_reason"], "Timeout after 1 seconds");
     assert!(b.is_empty());
@@ -383,23 +385,15 @@ async fn xa_ongoing_commit_is_retried_and_a_live_prepare_is_left_alone() -> R {
         &json!({"gid": gid, "trans_type": "xa", "timeout_to_fail": 30}),
     )
     .await?;
-    s.post(
-        "registerBranch",
-        &json!({"gid": gid, "branch_id": "01", "trans_type": "xa", "url": b.route("TransOut")}),
-    )
-    .await?;
+    s.post("registerBranch", &xa_branch(&b, &gid, "01", "TransOut"))
+        .await?;
     // several recovery passes (100 ms apart) and the global retry interval (1 s)
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert_eq!(s.status(&gid).await?, "prepared");
     assert!(b.calls_for(&gid).is_empty());
 
     b.set_once(slot::NEXT, "ONGOING");
-    assert_eq!(
-        s.post("submit", &json!({"gid": gid, "trans_type": "xa"}))
-            .await?
-            .0,
-        200
-    );
+    assert_eq!(s.post("submit", &xa(&gid)).await?.0, 200);
     s.wait_status(&gid, "succeed", 10).await?;
     assert_eq!(s.branches(&gid).await?, "ps");
     assert_eq!(b.trace(&gid), ["TransOut/commit", "TransOut/commit"]);
@@ -411,14 +405,8 @@ async fn xa_ongoing_commit_is_retried_and_a_live_prepare_is_left_alone() -> R {
 async fn xa_abort_without_branches_fails() -> R {
     let (s, b) = setup().await?;
     let gid = s.new_gid().await?;
-    s.post("prepare", &json!({"gid": gid, "trans_type": "xa"}))
-        .await?;
-    assert_eq!(
-        s.post("abort", &json!({"gid": gid, "trans_type": "xa"}))
-            .await?
-            .0,
-        200
-    );
+    s.post("prepare", &xa(&gid)).await?;
+    assert_eq!(s.post("abort", &xa(&gid)).await?.0, 200);
     s.wait_status(&gid, "failed", 10).await?;
     assert_eq!(s.branches(&gid).await?, "");
     assert!(b.calls_for(&gid).is_empty());
