@@ -507,6 +507,9 @@ enum HotSql {
 }
 
 impl HotSql {
+    /// How many there are (the last variant's index + 1).
+    const COUNT: usize = HotSql::UpdateBranch as usize + 1;
+
     fn text(self) -> &'static str {
         match self {
             HotSql::InsertGlobal => {
@@ -528,7 +531,7 @@ impl HotSql {
 /// use and returned to the cache when the batch ends.
 struct Hot<'c> {
     c: &'c Connection,
-    slots: [Option<rusqlite::CachedStatement<'c>>; 5],
+    slots: [Option<rusqlite::CachedStatement<'c>>; HotSql::COUNT],
 }
 
 impl<'c> Hot<'c> {
