@@ -1,10 +1,12 @@
 //! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`.
 //!
 //! Writes go to one writer thread that owns the only write connection. It takes every
-//! write waiting in its queue (up to `MAX_BATCH`), applies them in one SQLite transaction,
-//! each op inside its own savepoint so that one op's failure does not undo the others,
-//! commits once (one fsync for the whole batch), then answers each waiter. Under load
-//! hundreds of changes share a commit; at low load a write costs one commit.
+//! write waiting in its queue (up to `MAX_BATCH`), applies them in one SQLite transaction
+//! (so that one op's failure does not undo the others, a batch in which an op fails after
+//! changing rows runs again with a savepoint per op), commits once (one fsync for the
+//! whole batch), then answers each waiter. Under load hundreds of changes share a commit;
+//! at low load a write costs one commit. A transaction is one row: its branches are a
+//! column of it (`branches.rs`).
 //! Reads use a small pool of read-only connections, which WAL lets run beside the writer.
 
 use std::path::{Path, PathBuf};
@@ -20,6 +22,8 @@ use dtm_proto::{Branch, TransGlobal};
 use rusqlite::types::Value as Sql;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
 use tokio::sync::{mpsc, oneshot};
+
+mod branches;
 
 const MAX_BATCH: usize = 512;
 
@@ -42,7 +46,8 @@ CREATE TABLE IF NOT EXISTS trans_global (
   owner TEXT NOT NULL DEFAULT '',
   ext_data TEXT NOT NULL DEFAULT '',
   result TEXT NOT NULL DEFAULT '',
-  rollback_reason TEXT NOT NULL DEFAULT ''
+  rollback_reason TEXT NOT NULL DEFAULT '',
+  branches BLOB
 );
 -- The due index's condition is written with OR, not IN: SQLite evaluates a partial
 -- index's condition on every INSERT and UPDATE of the table, and an IN list makes it
@@ -52,25 +57,10 @@ DROP INDEX IF EXISTS trans_global_due;
 CREATE INDEX IF NOT EXISTS trans_global_pending ON trans_global(next_cron_time)
   WHERE status = 'prepared' OR status = 'submitted' OR status = 'aborting';
 CREATE INDEX IF NOT EXISTS trans_global_create_time ON trans_global(create_time);
--- Branches are keyed by their transaction's row id, not by gid: ids grow with time, so
--- a new transaction's branch rows and their index entries are appended at the right
--- edge of both b-trees instead of landing on a random index page (a random gid) that
--- every commit would rewrite and every checkpoint copy. trans_branch_op was the old,
--- gid-keyed table; `migrate_branches` moves its rows here.
-CREATE TABLE IF NOT EXISTS trans_branch (
-  id INTEGER PRIMARY KEY,
-  global_id INTEGER NOT NULL,
-  url TEXT NOT NULL,
-  bin_data BLOB,
-  branch_id TEXT NOT NULL,
-  op TEXT NOT NULL,
-  status TEXT NOT NULL,
-  finish_time INTEGER,
-  rollback_time INTEGER,
-  create_time INTEGER,
-  update_time INTEGER,
-  UNIQUE (global_id, branch_id, op)
-);
+-- A transaction's branches are the `branches` column of its row (`branches.rs`): saving
+-- a saga is one row insert and finishing it one row update, not one per branch row and
+-- index entry. Earlier layouts kept them in tables of their own (trans_branch_op keyed by
+-- gid, then trans_branch keyed by the global's row id); `migrate_branches` moves them.
 CREATE TABLE IF NOT EXISTS kv (
   id INTEGER PRIMARY KEY,
   cat TEXT NOT NULL,
@@ -84,21 +74,13 @@ CREATE TABLE IF NOT EXISTS kv (
 "#;
 
 const GLOBAL_COLS: &str = "id, gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason";
-/// Columns of a branch as `branch_from_row` reads them; the gid is the query's `?1`.
-const BRANCH_COLS: &str = "b.id, ?1, b.url, b.bin_data, b.branch_id, b.op, b.status, b.finish_time, b.rollback_time, b.create_time, b.update_time";
 const KV_COLS: &str = "id, cat, k, v, version, create_time, update_time";
 /// Must stay the same expression as the condition of `trans_global_pending`, so that the
 /// planner uses that index.
 const UNFINISHED: &str = "(status = 'prepared' OR status = 'submitted' OR status = 'aborting')";
 
-/// The branches of one transaction. Sorted by `id` in Rust, not with `ORDER BY id`:
-/// with that clause SQLite (built with STAT4) re-prepares the statement every time `?1`
-/// is bound to a new gid, which made a query cost ~100k instructions more.
-fn find_branches_sql() -> String {
-    format!(
-        "SELECT {BRANCH_COLS} FROM trans_branch b WHERE b.global_id = (SELECT id FROM trans_global WHERE gid = ?1)"
-    )
-}
+/// The branches of one transaction, as one column.
+const FIND_BRANCHES_SQL: &str = "SELECT branches FROM trans_global WHERE gid = ?1";
 
 fn ms(t: &Option<DateTime<Utc>>) -> Option<i64> {
     t.map(|t| t.timestamp_millis())
@@ -131,19 +113,18 @@ fn global_from_row(r: &Row<'_>) -> rusqlite::Result<TransGlobal> {
     })
 }
 
-fn branch_from_row(r: &Row<'_>) -> rusqlite::Result<Branch> {
-    Ok(Branch {
-        id: r.get(0)?,
-        gid: r.get(1)?,
-        url: r.get(2)?,
-        bin_data: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
-        branch_id: r.get(4)?,
-        op: r.get(5)?,
-        status: r.get(6)?,
-        finish_time: time(r.get(7)?),
-        rollback_time: time(r.get(8)?),
-        create_time: time(r.get(9)?),
-        update_time: time(r.get(10)?),
+/// Decode the `branches` column at `idx` of `r`, the row of `gid`.
+fn branches_at(r: &Row<'_>, idx: usize, gid: &str) -> Result<Vec<Branch>, StoreError> {
+    let col = r.get_ref(idx).map_err(db_err)?;
+    let data = col.as_blob_or_null().map_err(|e| {
+        StoreError::Unavailable(format!(
+            "sqlite: the branches column of gid {gid} is not a blob ({e}); the store file was changed by hand or is damaged"
+        ))
+    })?;
+    branches::decode(gid, data).map_err(|e| {
+        StoreError::Unavailable(format!(
+            "sqlite: the stored branches of gid {gid} cannot be read: {e}; the store file was changed by hand or is damaged"
+        ))
     })
 }
 
@@ -356,34 +337,109 @@ impl SqliteStore {
 }
 
 /// Move the branches of a store written by an earlier version (table `trans_branch_op`,
-/// keyed by gid) into `trans_branch`, keeping their ids and so their order, in one
-/// transaction: a crash leaves either the old table or the new rows. Branch rows whose
-/// transaction is gone (none are written so) are dropped with the old table.
+/// keyed by gid, or `trans_branch`, keyed by the global's row id) into the `branches`
+/// column, keeping their ids and so their order, in one transaction: a crash leaves
+/// either the old tables or the new lists. Branch rows whose transaction is gone (none
+/// are written so) are dropped with the old tables.
 fn migrate_branches(conn: &Connection) -> Result<(), StoreError> {
-    let old: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'trans_branch_op'",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(db_err)?;
-    if old == 0 {
+    let count = |sql: &str| -> Result<i64, StoreError> {
+        conn.query_row(sql, [], |r| r.get(0)).map_err(db_err)
+    };
+    let has_column =
+        count("SELECT count(*) FROM pragma_table_info('trans_global') WHERE name = 'branches'")?
+            > 0;
+    let mut old = Vec::new();
+    for table in ["trans_branch_op", "trans_branch"] {
+        let n = count(&format!(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'"
+        ))?;
+        if n > 0 {
+            old.push(table);
+        }
+    }
+    if has_column && old.is_empty() {
         return Ok(());
     }
-    conn.execute_batch(
-        "BEGIN IMMEDIATE;
-         INSERT INTO trans_branch (id, global_id, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time)
-           SELECT b.id, g.id, b.url, b.bin_data, b.branch_id, b.op, b.status, b.finish_time, b.rollback_time, b.create_time, b.update_time
-           FROM trans_branch_op b JOIN trans_global g ON g.gid = b.gid ORDER BY b.id;
-         DROP TABLE trans_branch_op;
-         COMMIT;",
-    )
-    .map_err(|e| {
+    let moved = conn
+        .execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| e.to_string())
+        .and_then(|()| move_branches(conn, has_column, &old))
+        .and_then(|()| conn.execute_batch("COMMIT").map_err(|e| e.to_string()));
+    moved.map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
         StoreError::Unavailable(format!(
-            "cannot move the branches of this store to the current layout (table trans_branch_op to trans_branch): {e}; the file is unchanged"
+            "cannot move the branches of this store to the current layout (tables {} to the branches column of trans_global): {e}; the file is unchanged",
+            old.join(", ")
         ))
     })
+}
+
+fn move_branches(conn: &Connection, has_column: bool, old: &[&str]) -> Result<(), String> {
+    let sql_err = |e: rusqlite::Error| e.to_string();
+    if !has_column {
+        conn.execute_batch("ALTER TABLE trans_global ADD COLUMN branches BLOB")
+            .map_err(sql_err)?;
+    }
+    let mut lists: std::collections::BTreeMap<i64, (String, Vec<Branch>)> = Default::default();
+    for table in old {
+        let join = if *table == "trans_branch_op" {
+            "g.gid = b.gid"
+        } else {
+            "g.id = b.global_id"
+        };
+        let mut st = conn
+            .prepare(&format!(
+                "SELECT g.id, g.gid, b.id, b.url, b.bin_data, b.branch_id, b.op, b.status, b.finish_time, b.rollback_time, b.create_time, b.update_time FROM {table} b JOIN trans_global g ON {join}"
+            ))
+            .map_err(sql_err)?;
+        let mut rows = st.query([]).map_err(sql_err)?;
+        while let Some(r) = rows.next().map_err(sql_err)? {
+            let gid: String = r.get(1).map_err(sql_err)?;
+            let b = Branch {
+                id: r.get(2).map_err(sql_err)?,
+                gid: gid.clone(),
+                url: r.get(3).map_err(sql_err)?,
+                bin_data: r
+                    .get::<_, Option<Vec<u8>>>(4)
+                    .map_err(sql_err)?
+                    .unwrap_or_default(),
+                branch_id: r.get(5).map_err(sql_err)?,
+                op: r.get(6).map_err(sql_err)?,
+                status: r.get(7).map_err(sql_err)?,
+                finish_time: time(r.get(8).map_err(sql_err)?),
+                rollback_time: time(r.get(9).map_err(sql_err)?),
+                create_time: time(r.get(10).map_err(sql_err)?),
+                update_time: time(r.get(11).map_err(sql_err)?),
+            };
+            lists
+                .entry(r.get(0).map_err(sql_err)?)
+                .or_insert_with(|| (gid, Vec::new()))
+                .1
+                .push(b);
+        }
+    }
+    for (id, (gid, mut bs)) in lists {
+        // a list already there (not written by any version alongside the old tables) is kept
+        let there: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT branches FROM trans_global WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
+        bs.extend(branches::decode(&gid, there.as_deref())?);
+        bs.sort_by_key(|b| b.id);
+        conn.execute(
+            "UPDATE trans_global SET branches = ?1 WHERE id = ?2",
+            params![branches::encode(&bs), id],
+        )
+        .map_err(sql_err)?;
+    }
+    for table in old {
+        conn.execute_batch(&format!("DROP TABLE {table}"))
+            .map_err(sql_err)?;
+    }
+    Ok(())
 }
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
@@ -500,29 +556,27 @@ fn apply_batch_savepoints(
 #[derive(Clone, Copy)]
 enum HotSql {
     InsertGlobal = 0,
-    InsertBranch = 1,
-    IdOfGid = 2,
-    IdStatusOfGid = 3,
-    UpdateBranch = 4,
+    IdOfGid = 1,
+    IdStatusBranchesOfGid = 2,
+    IdBranchesOfGid = 3,
+    SetBranches = 4,
 }
 
 impl HotSql {
     /// How many there are (the last variant's index + 1).
-    const COUNT: usize = HotSql::UpdateBranch as usize + 1;
+    const COUNT: usize = HotSql::SetBranches as usize + 1;
 
     fn text(self) -> &'static str {
         match self {
             HotSql::InsertGlobal => {
-                "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) ON CONFLICT (gid) DO NOTHING"
-            }
-            HotSql::InsertBranch => {
-                "INSERT INTO trans_branch (global_id, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason, branches) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) ON CONFLICT (gid) DO NOTHING"
             }
             HotSql::IdOfGid => "SELECT id FROM trans_global WHERE gid = ?1",
-            HotSql::IdStatusOfGid => "SELECT id, status FROM trans_global WHERE gid = ?1",
-            HotSql::UpdateBranch => {
-                "UPDATE trans_branch SET status = ?1, finish_time = ?2, update_time = ?2 WHERE global_id = ?3 AND branch_id = ?4 AND op = ?5"
+            HotSql::IdStatusBranchesOfGid => {
+                "SELECT id, status, branches FROM trans_global WHERE gid = ?1"
             }
+            HotSql::IdBranchesOfGid => "SELECT id, branches FROM trans_global WHERE gid = ?1",
+            HotSql::SetBranches => "UPDATE trans_global SET branches = ?1 WHERE id = ?2",
         }
     }
 }
@@ -551,28 +605,51 @@ impl<'c> Hot<'c> {
     }
 }
 
-/// Insert the branches of the transaction whose `trans_global` row id is `global_id`.
-fn insert_branches(h: &mut Hot<'_>, global_id: i64, branches: &[Branch]) -> Result<(), StoreError> {
+/// The branch list of a new transaction: ids are positions from 1, in insertion order.
+fn new_branches(branches: &[Branch]) -> Option<Vec<u8>> {
     if branches.is_empty() {
-        return Ok(());
+        return None;
     }
-    let stmt = h.stmt(HotSql::InsertBranch)?;
-    for b in branches {
-        stmt.execute(params![
-            global_id,
-            b.url,
-            b.bin_data,
-            b.branch_id,
-            b.op,
-            b.status,
-            ms(&b.finish_time),
-            ms(&b.rollback_time),
-            ms(&b.create_time),
-            ms(&b.update_time)
-        ])
-        .map_err(db_err)?;
+    let numbered: Vec<Branch> = (1..)
+        .zip(branches)
+        .map(|(id, b)| Branch { id, ..b.clone() })
+        .collect();
+    Some(branches::encode(&numbered))
+}
+
+/// `list` with `more` appended after its last id. `UniqueConflict` when a (branch_id, op)
+/// of `more` is in `list` already or twice in `more`.
+fn append_branches(list: &mut Vec<Branch>, more: &[Branch]) -> Result<(), StoreError> {
+    let first = list.iter().map(|b| b.id).max().unwrap_or(0) + 1;
+    for (id, b) in (first..).zip(more) {
+        if list
+            .iter()
+            .any(|x| x.branch_id == b.branch_id && x.op == b.op)
+        {
+            return Err(StoreError::UniqueConflict);
+        }
+        list.push(Branch {
+            id,
+            gid: String::new(),
+            ..b.clone()
+        });
     }
     Ok(())
+}
+
+/// Apply `ups` to `list`, each to the branch with its (branch_id, op); an update that
+/// matches no branch changes nothing, as an UPDATE matching no row.
+fn update_branches(list: &mut [Branch], ups: &[BranchUpdate]) {
+    for u in ups {
+        if let Some(b) = list
+            .iter_mut()
+            .find(|b| b.branch_id == u.branch_id && b.op == u.op)
+        {
+            b.status.clone_from(&u.status);
+            b.finish_time = Some(u.time);
+            b.update_time = Some(u.time);
+        }
+    }
 }
 
 /// The guarded update of the global with row id `id`. Its id is looked up first, not
@@ -581,14 +658,19 @@ fn insert_branches(h: &mut Hot<'_>, global_id: i64, branches: &[Branch]) -> Resu
 /// memory with madvise and a TLB flush on every core: 15% of the writer).
 fn update_global_sql(
     set: &GlobalUpdate,
+    branches: Option<Vec<u8>>,
     id: i64,
     expect_status: &str,
     expect_owner: Option<&str>,
 ) -> (String, Vec<Sql>) {
     let (cols, mut vals) = update_sql(set);
-    let mut sql = String::with_capacity(cols.len() + 80);
+    let mut sql = String::with_capacity(cols.len() + 96);
     sql.push_str("UPDATE trans_global SET ");
     sql.push_str(&cols);
+    if let Some(b) = branches {
+        sql.push_str(", branches = ?");
+        vals.push(Sql::Blob(b));
+    }
     sql.push_str(" WHERE id = ? AND status = ?");
     vals.push(Sql::Integer(id));
     vals.push(Sql::Text(expect_status.to_string()));
@@ -597,28 +679,6 @@ fn update_global_sql(
         vals.push(Sql::Text(o.to_string()));
     }
     (sql, vals)
-}
-
-fn update_branches(
-    h: &mut Hot<'_>,
-    global_id: i64,
-    ups: &[BranchUpdate],
-) -> Result<(), StoreError> {
-    if ups.is_empty() {
-        return Ok(());
-    }
-    let stmt = h.stmt(HotSql::UpdateBranch)?;
-    for u in ups {
-        stmt.execute(params![
-            u.status,
-            u.time.timestamp_millis(),
-            global_id,
-            u.branch_id,
-            u.op
-        ])
-        .map_err(db_err)?;
-    }
-    Ok(())
 }
 
 fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
@@ -647,13 +707,13 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
                     g.owner,
                     g.ext_data,
                     g.result,
-                    g.rollback_reason
+                    g.rollback_reason,
+                    new_branches(branches)
                 ])
                 .map_err(db_err)?;
             if n == 0 {
                 return Err(StoreError::UniqueConflict);
             }
-            insert_branches(h, c.last_insert_rowid(), branches)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::AddBranches {
@@ -661,15 +721,26 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
             expect_status,
             branches,
         } => {
-            let row: Option<(i64, String)> = h
-                .stmt(HotSql::IdStatusOfGid)?
-                .query_row(params![gid], |r| Ok((r.get(0)?, r.get(1)?)))
+            let row = h
+                .stmt(HotSql::IdStatusBranchesOfGid)?
+                .query_row(params![gid], |r| {
+                    let status = r.get_ref(1)?.as_str()?;
+                    if status != *expect_status {
+                        return Ok(None);
+                    }
+                    Ok(Some((r.get::<_, i64>(0)?, branches_at(r, 2, gid))))
+                })
                 .optional()
+                .map_err(db_err)?
+                .flatten();
+            let Some((id, list)) = row else {
+                return Err(StoreError::NotFound);
+            };
+            let mut list = list?;
+            append_branches(&mut list, branches)?;
+            h.stmt(HotSql::SetBranches)?
+                .execute(params![branches::encode(&list), id])
                 .map_err(db_err)?;
-            match row {
-                Some((id, st)) if st == *expect_status => insert_branches(h, id, branches)?,
-                _ => return Err(StoreError::NotFound),
-            }
             Ok(WriteOutcome::Done)
         }
         WriteOp::UpdateGlobal {
@@ -679,14 +750,30 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
             set,
             branches,
         } => {
-            // the gid is looked up once; the global and its branches are then found by id
-            let id: i64 = h
-                .stmt(HotSql::IdOfGid)?
-                .query_row(params![gid], |r| r.get(0))
-                .optional()
-                .map_err(db_err)?
-                .ok_or(StoreError::NotFound)?;
-            let (sql, vals) = update_global_sql(set, id, expect_status, expect_owner.as_deref());
+            // the gid is looked up once, with the branch list when branches change; the
+            // row is then updated by id
+            let (id, list) = if branches.is_empty() {
+                let id: Option<i64> = h
+                    .stmt(HotSql::IdOfGid)?
+                    .query_row(params![gid], |r| r.get(0))
+                    .optional()
+                    .map_err(db_err)?;
+                (id.ok_or(StoreError::NotFound)?, None)
+            } else {
+                let row = h
+                    .stmt(HotSql::IdBranchesOfGid)?
+                    .query_row(params![gid], |r| {
+                        Ok((r.get::<_, i64>(0)?, branches_at(r, 1, gid)))
+                    })
+                    .optional()
+                    .map_err(db_err)?;
+                let (id, list) = row.ok_or(StoreError::NotFound)?;
+                let mut list = list?;
+                update_branches(&mut list, branches);
+                (id, Some(branches::encode(&list)))
+            };
+            let (sql, vals) =
+                update_global_sql(set, list, id, expect_status, expect_owner.as_deref());
             let n = c
                 .prepare_cached(&sql)
                 .map_err(db_err)?
@@ -695,7 +782,6 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
             if n == 0 {
                 return Err(StoreError::NotFound);
             }
-            update_branches(h, id, branches)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::ResetNextCronTime { gid, now } => {
@@ -814,10 +900,6 @@ fn purge(c: &Connection, before: i64, limit: usize) -> Result<WriteOutcome, Stor
         .collect::<Result<_, _>>()
         .map_err(db_err)?;
     for id in &ids {
-        c.prepare_cached("DELETE FROM trans_branch WHERE global_id = ?1")
-            .map_err(db_err)?
-            .execute(params![id])
-            .map_err(db_err)?;
         c.prepare_cached("DELETE FROM trans_global WHERE id = ?1")
             .map_err(db_err)?
             .execute(params![id])
@@ -886,14 +968,12 @@ impl Store for SqliteStore {
     async fn find_branches(&self, gid: &str) -> Result<Vec<Branch>, StoreError> {
         let gid = gid.to_string();
         self.read(move |c| {
-            let mut rows: Vec<Branch> = c
-                .prepare_cached(&find_branches_sql())?
-                .query_map(params![gid], branch_from_row)?
-                .collect::<Result<_, _>>()?;
-            rows.sort_by_key(|b| b.id);
-            Ok(rows)
+            c.prepare_cached(FIND_BRANCHES_SQL)?
+                .query_row(params![gid], |r| Ok(branches_at(r, 0, &gid)))
+                .optional()
         })
-        .await
+        .await?
+        .unwrap_or(Ok(Vec::new()))
     }
 
     async fn scan_globals(&self, q: &ScanQuery) -> Result<(Vec<TransGlobal>, String), StoreError> {
@@ -1073,14 +1153,13 @@ mod tests {
         drop(SqliteStore::open(&path, Sync::Normal).unwrap_or_else(|e| panic!("{e}")));
         let w = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
         w.execute_batch(
-            "INSERT INTO trans_global (gid, trans_type, status) VALUES ('a', 'saga', 'submitted'), ('b', 'saga', 'submitted');
-             INSERT INTO trans_branch (global_id, url, branch_id, op, status) SELECT id, 'u', '01', 'action', 'prepared' FROM trans_global;",
+            "INSERT INTO trans_global (gid, trans_type, status, branches) VALUES ('a', 'saga', 'submitted', X'01'), ('b', 'saga', 'submitted', X'01');",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let c = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap_or_else(|e| panic!("{e}"));
         let global = format!("SELECT {GLOBAL_COLS} FROM trans_global WHERE gid = ?1");
-        for sql in [find_branches_sql(), global] {
+        for sql in [FIND_BRANCHES_SQL.to_string(), global] {
             let mut st = c.prepare(&sql).unwrap_or_else(|e| panic!("{e}"));
             for g in ["a", "b", "a", "b"] {
                 let n = st
@@ -1108,12 +1187,12 @@ mod tests {
             next_cron_time: Some(Utc::now()),
             ..GlobalUpdate::default()
         };
-        let (update, vals) = update_global_sql(&set, 1, "submitted", Some("node"));
+        let (update, vals) = update_global_sql(&set, Some(vec![1]), 1, "submitted", Some("node"));
+        assert!(update.contains("branches = ?"), "{update}");
         for (sql, n) in [
-            (HotSql::InsertGlobal.text(), 17),
+            (HotSql::InsertGlobal.text(), 18),
             (update.as_str(), vals.len()),
-            (HotSql::UpdateBranch.text(), 5),
-            (HotSql::InsertBranch.text(), 10),
+            (HotSql::SetBranches.text(), 2),
         ] {
             let ops = opcodes(&c, sql, n);
             assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{sql}: {ops:?}");
@@ -1136,28 +1215,46 @@ mod tests {
         drop(store);
     }
 
-    /// A store file of the earlier layout (branches in `trans_branch_op`, keyed by gid)
-    /// opens with every branch still there, in its order, with its state; orphan rows
-    /// are dropped; writes then go to the new table.
-    #[tokio::test]
-    async fn branches_of_the_earlier_layout_are_moved_on_open() {
+    /// The globals table as versions before the `branches` column created it.
+    fn old_globals_schema() -> String {
+        let cut = SCHEMA
+            .find("-- A transaction's branches are")
+            .unwrap_or_else(|| panic!("schema"));
+        let old = SCHEMA[..cut].replace(",\n  branches BLOB", "");
+        assert!(!old.contains("branches"), "{old}");
+        old
+    }
+
+    /// A store file of an earlier layout opens with every branch still there, in its
+    /// order, with its state; orphan rows are dropped; the old table is gone; new
+    /// branches come after the kept ones; opening it again changes nothing.
+    async fn earlier_layout_is_moved_on_open(old_table: &str) {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("old.sqlite");
         let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        let globals = &SCHEMA[..SCHEMA
-            .find("-- Branches are keyed")
-            .unwrap_or_else(|| panic!("schema"))];
-        c.execute_batch(globals).unwrap_or_else(|e| panic!("{e}"));
+        c.execute_batch(&old_globals_schema())
+            .unwrap_or_else(|e| panic!("{e}"));
         c.execute_batch(
+            "INSERT INTO trans_global (id, gid, trans_type, status) VALUES (1, 'g1', 'saga', 'submitted'), (2, 'g2', 'tcc', 'succeed');",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // (id, gid / global id, url, bin_data, branch_id, op, status, finish_time)
+        let rows = if old_table == "trans_branch_op" {
             "CREATE TABLE trans_branch_op (id INTEGER PRIMARY KEY, gid TEXT NOT NULL, url TEXT NOT NULL, bin_data BLOB, branch_id TEXT NOT NULL, op TEXT NOT NULL, status TEXT NOT NULL, finish_time INTEGER, rollback_time INTEGER, create_time INTEGER, update_time INTEGER, UNIQUE (gid, branch_id, op));
-             INSERT INTO trans_global (gid, trans_type, status) VALUES ('g1', 'saga', 'submitted'), ('g2', 'tcc', 'succeed');
              INSERT INTO trans_branch_op (id, gid, url, bin_data, branch_id, op, status, finish_time) VALUES
                (7, 'g2', 'http://x/confirm', NULL, '01', 'confirm', 'succeed', 5000),
                (3, 'g1', 'http://x/out', X'7b7d', '01', 'action', 'succeed', 4000),
                (2, 'g1', 'http://x/out-r', X'7b7d', '01', 'compensate', 'prepared', NULL),
-               (9, 'gone', 'http://x/y', NULL, '01', 'action', 'prepared', NULL);",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+               (9, 'gone', 'http://x/y', NULL, '01', 'action', 'prepared', NULL);"
+        } else {
+            "CREATE TABLE trans_branch (id INTEGER PRIMARY KEY, global_id INTEGER NOT NULL, url TEXT NOT NULL, bin_data BLOB, branch_id TEXT NOT NULL, op TEXT NOT NULL, status TEXT NOT NULL, finish_time INTEGER, rollback_time INTEGER, create_time INTEGER, update_time INTEGER, UNIQUE (global_id, branch_id, op));
+             INSERT INTO trans_branch (id, global_id, url, bin_data, branch_id, op, status, finish_time) VALUES
+               (7, 2, 'http://x/confirm', NULL, '01', 'confirm', 'succeed', 5000),
+               (3, 1, 'http://x/out', X'7b7d', '01', 'action', 'succeed', 4000),
+               (2, 1, 'http://x/out-r', X'7b7d', '01', 'compensate', 'prepared', NULL),
+               (9, 99, 'http://x/y', NULL, '01', 'action', 'prepared', NULL);"
+        };
+        c.execute_batch(rows).unwrap_or_else(|e| panic!("{e}"));
         drop(c);
         let store = SqliteStore::open(&path, Sync::Normal).unwrap_or_else(|e| panic!("{e}"));
         let b1 = store
@@ -1181,7 +1278,8 @@ mod tests {
             vec![
                 (2, "g1", "compensate", "prepared", b"{}".to_vec()),
                 (3, "g1", "action", "succeed", b"{}".to_vec()),
-            ]
+            ],
+            "{old_table}"
         );
         assert_eq!(b1[1].finish_time.map(|t| t.timestamp_millis()), Some(4000));
         let b2 = store
@@ -1223,18 +1321,112 @@ mod tests {
             .iter()
             .map(|b| b.id)
             .collect();
-        assert_eq!(ids.len(), 3);
-        assert!(ids[2] > 7, "new rows come after every kept old id: {ids:?}");
+        assert_eq!(ids, vec![2, 3, 4], "{old_table}");
         store.close().await;
         let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let old: i64 = c
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'trans_branch_op'",
+                "SELECT count(*) FROM sqlite_master WHERE name LIKE 'trans_branch%'",
                 [],
                 |r| r.get(0),
             )
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(old, 0);
+        assert_eq!(old, 0, "{old_table}");
+        drop(c);
+        let again = SqliteStore::open(&path, Sync::Normal).unwrap_or_else(|e| panic!("{e}"));
+        let n = again
+            .find_branches("g1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .len();
+        assert_eq!(n, 3, "{old_table}");
+        again.close().await;
+    }
+
+    #[tokio::test]
+    async fn branches_keyed_by_gid_are_moved_on_open() {
+        earlier_layout_is_moved_on_open("trans_branch_op").await;
+    }
+
+    #[tokio::test]
+    async fn branches_keyed_by_global_row_id_are_moved_on_open() {
+        earlier_layout_is_moved_on_open("trans_branch").await;
+    }
+
+    /// A list that cannot be decoded fails the reads and writes of its transaction with
+    /// a message naming the gid, and leaves the rest of the store working.
+    #[tokio::test]
+    async fn a_damaged_branch_list_is_a_clear_error_for_its_transaction_only() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("d.sqlite");
+        let store = SqliteStore::open(&path, Sync::Normal).unwrap_or_else(|e| panic!("{e}"));
+        for gid in ["bad", "good"] {
+            let g = TransGlobal {
+                gid: gid.into(),
+                trans_type: "saga".into(),
+                status: "submitted".into(),
+                ..TransGlobal::default()
+            };
+            let b = Branch {
+                url: "http://x/a".into(),
+                branch_id: "01".into(),
+                op: "action".into(),
+                status: "prepared".into(),
+                ..Branch::default()
+            };
+            store
+                .write(WriteOp::SaveNew {
+                    global: g,
+                    branches: vec![b],
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        c.execute(
+            "UPDATE trans_global SET branches = X'0100' WHERE gid = 'bad'",
+            [],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        drop(c);
+        let read = store.find_branches("bad").await;
+        assert!(
+            matches!(&read, Err(StoreError::Unavailable(m)) if m.contains("gid bad") && m.contains("damaged")),
+            "{read:?}"
+        );
+        let up = |gid: &str| WriteOp::UpdateGlobal {
+            gid: gid.into(),
+            expect_status: "submitted".into(),
+            expect_owner: None,
+            set: GlobalUpdate {
+                status: Some("succeed".into()),
+                update_time: Utc::now(),
+                ..GlobalUpdate::default()
+            },
+            branches: vec![BranchUpdate {
+                branch_id: "01".into(),
+                op: "action".into(),
+                status: "succeed".into(),
+                time: Utc::now(),
+            }],
+        };
+        let (bad, good) = tokio::join!(store.write(up("bad")), store.write(up("good")));
+        assert!(
+            matches!(&bad, Err(StoreError::Unavailable(m)) if m.contains("gid bad")),
+            "{bad:?}"
+        );
+        assert_eq!(good, Ok(WriteOutcome::Done));
+        let st = store
+            .find_branches("good")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(st[0].status, "succeed");
+        let g = store
+            .find_global("bad")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(g.map(|g| g.status), Some("submitted".to_string()));
+        store.close().await;
     }
 
     /// A burst of reads runs at most READERS at once, on the READERS reader threads.

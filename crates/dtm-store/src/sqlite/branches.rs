@@ -1,0 +1,231 @@
+//! The embedded store keeps a transaction's branches in one BLOB, the `branches` column
+//! of its `trans_global` row, so that saving a saga is one row insert and finishing it is
+//! one row update, whatever its number of branches.
+//!
+//! Layout: one version byte ([`VERSION`]), then per branch, in insertion order:
+//! `id` (i64), `url`, `bin_data`, `branch_id`, `op`, `status` (each a u32 length and its
+//! bytes), then `create_time`, `update_time`, `finish_time`, `rollback_time` (each a
+//! presence byte, then i64 milliseconds when present). Integers are little-endian. An
+//! empty or NULL column holds no branches.
+
+use chrono::{DateTime, Utc};
+use dtm_proto::Branch;
+
+/// The first byte of every encoded list.
+pub(super) const VERSION: u8 = 1;
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    // a field longer than 4 GiB cannot reach here: request bodies are far smaller
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_time(out: &mut Vec<u8>, t: &Option<DateTime<Utc>>) {
+    match t {
+        Some(t) => {
+            out.push(1);
+            out.extend_from_slice(&t.timestamp_millis().to_le_bytes());
+        }
+        None => out.push(0),
+    }
+}
+
+/// Encode `branches` (their `gid` is not stored: it is the row's).
+pub(super) fn encode(branches: &[Branch]) -> Vec<u8> {
+    let size: usize = branches
+        .iter()
+        .map(|b| {
+            8 + 5 * 4
+                + 4 * 9
+                + b.url.len()
+                + b.bin_data.len()
+                + b.branch_id.len()
+                + b.op.len()
+                + b.status.len()
+        })
+        .sum();
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(VERSION);
+    for b in branches {
+        out.extend_from_slice(&b.id.to_le_bytes());
+        put_bytes(&mut out, b.url.as_bytes());
+        put_bytes(&mut out, &b.bin_data);
+        put_bytes(&mut out, b.branch_id.as_bytes());
+        put_bytes(&mut out, b.op.as_bytes());
+        put_bytes(&mut out, b.status.as_bytes());
+        for t in [
+            &b.create_time,
+            &b.update_time,
+            &b.finish_time,
+            &b.rollback_time,
+        ] {
+            put_time(&mut out, t);
+        }
+    }
+    out
+}
+
+struct Reader<'a> {
+    rest: &'a [u8],
+    /// Offset of `rest` in the whole blob, for error messages.
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+        if self.rest.len() < n {
+            return Err(format!(
+                "{what} at byte {} needs {n} bytes, {} are left",
+                self.at,
+                self.rest.len()
+            ));
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        self.at += n;
+        Ok(head)
+    }
+
+    fn i64(&mut self, what: &str) -> Result<i64, String> {
+        let b = self.take(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(i64::from_le_bytes(a))
+    }
+
+    fn bytes(&mut self, what: &str) -> Result<&'a [u8], String> {
+        let b = self.take(4, what)?;
+        let mut a = [0u8; 4];
+        a.copy_from_slice(b);
+        self.take(u32::from_le_bytes(a) as usize, what)
+    }
+
+    fn text(&mut self, what: &str) -> Result<String, String> {
+        let at = self.at;
+        let b = self.bytes(what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("{what} at byte {at} is not UTF-8"))
+    }
+
+    fn time(&mut self, what: &str) -> Result<Option<DateTime<Utc>>, String> {
+        match self.take(1, what)?[0] {
+            0 => Ok(None),
+            1 => {
+                let ms = self.i64(what)?;
+                DateTime::from_timestamp_millis(ms)
+                    .map(Some)
+                    .ok_or_else(|| format!("{what} {ms} ms is out of range"))
+            }
+            f => Err(format!(
+                "{what} at byte {} has presence byte {f}",
+                self.at - 1
+            )),
+        }
+    }
+}
+
+/// Decode a `branches` column (NULL and empty hold none), setting each branch's `gid`.
+pub(super) fn decode(gid: &str, data: Option<&[u8]>) -> Result<Vec<Branch>, String> {
+    let data = match data {
+        None | Some([]) => return Ok(Vec::new()),
+        Some(d) => d,
+    };
+    if data[0] != VERSION {
+        return Err(format!(
+            "branch list version {} is not known to this server (it knows {VERSION}); was the store written by a newer dtm-rs?",
+            data[0]
+        ));
+    }
+    let mut r = Reader {
+        rest: &data[1..],
+        at: 1,
+    };
+    let mut out = Vec::new();
+    while !r.rest.is_empty() {
+        let id = r.i64("branch id")?;
+        out.push(Branch {
+            id,
+            gid: gid.to_string(),
+            url: r.text("url")?,
+            bin_data: r.bytes("bin_data")?.to_vec(),
+            branch_id: r.text("branch_id")?,
+            op: r.text("op")?,
+            status: r.text("status")?,
+            create_time: r.time("create_time")?,
+            update_time: r.time("update_time")?,
+            finish_time: r.time("finish_time")?,
+            rollback_time: r.time("rollback_time")?,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: i64) -> Option<DateTime<Utc>> {
+        DateTime::from_timestamp_millis(ms)
+    }
+
+    fn sample() -> Vec<Branch> {
+        vec![
+            Branch {
+                id: 1,
+                gid: "g".into(),
+                url: "http://svc/TransOut?x=ü".into(),
+                bin_data: vec![0, 255, b'{', b'}'],
+                branch_id: "01".into(),
+                op: "action".into(),
+                status: "succeed".into(),
+                create_time: at(1_700_000_000_123),
+                update_time: at(1_700_000_000_456),
+                finish_time: at(1_700_000_000_456),
+                rollback_time: None,
+            },
+            Branch {
+                id: 9,
+                gid: "g".into(),
+                op: "compensate".into(),
+                status: "prepared".into(),
+                create_time: at(-5),
+                ..Branch::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn branches_come_back_as_they_were_written() {
+        let bs = sample();
+        let blob = encode(&bs);
+        assert_eq!(blob[0], VERSION);
+        assert_eq!(decode("g", Some(&blob)), Ok(bs));
+        assert_eq!(decode("g", None), Ok(vec![]));
+        assert_eq!(decode("g", Some(&[])), Ok(vec![]));
+        assert_eq!(decode("g", Some(&encode(&[]))), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_damaged_list_is_an_error_that_says_where() {
+        let blob = encode(&sample());
+        for cut in 2..blob.len() {
+            let got = decode("g", Some(&blob[..cut]));
+            // a cut that falls between two branches is a shorter, valid list
+            if let Ok(bs) = &got {
+                assert_eq!(bs.len(), 1, "cut at {cut}");
+                continue;
+            }
+            let e = got.err().unwrap_or_default();
+            assert!(e.contains("at byte") || e.contains("UTF-8"), "{cut}: {e}");
+        }
+        let mut newer = blob.clone();
+        newer[0] = 7;
+        let e = decode("g", Some(&newer)).err().unwrap_or_default();
+        assert!(e.contains("version 7"), "{e}");
+        let mut bad_flag = encode(&sample()[1..]);
+        // the list ends with update_time, finish_time and rollback_time, all absent
+        let flag = bad_flag.len() - 3;
+        bad_flag[flag] = 2;
+        let e = decode("g", Some(&bad_flag)).err().unwrap_or_default();
+        assert!(e.contains("presence byte 2"), "{e}");
+    }
+}
