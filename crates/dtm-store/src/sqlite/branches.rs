@@ -1,6 +1,8 @@
-//! The embedded store keeps a transaction's branches in one BLOB, the `branches` column
-//! of its `trans_global` row, so that saving a saga is one row insert and finishing it is
-//! one row update, whatever its number of branches.
+//! The embedded store keeps the branches a transaction is saved with (a saga's or msg's
+//! steps) in one BLOB, the `branches` column of its `trans_global` row, so that saving a
+//! saga is one row insert and finishing it one row update, whatever its number of steps.
+//! Branches added later (tcc, xa, workflow) are rows of `trans_branch` instead, so that
+//! adding one does not rewrite the list.
 //!
 //! Layout: one version byte ([`VERSION`]), then per branch, in insertion order:
 //! `id` (i64), `url`, `bin_data`, `branch_id`, `op`, `status` (each a u32 length and its

@@ -5,8 +5,8 @@
 //! (so that one op's failure does not undo the others, a batch in which an op fails after
 //! changing rows runs again with a savepoint per op), commits once (one fsync for the
 //! whole batch), then answers each waiter. Under load hundreds of changes share a commit;
-//! at low load a write costs one commit. A transaction is one row: its branches are a
-//! column of it (`branches.rs`).
+//! at low load a write costs one commit. The branches a transaction is saved with are a
+//! column of its row (`branches.rs`); the ones added later are rows of `trans_branch`.
 //! Reads use a small pool of read-only connections, which WAL lets run beside the writer.
 
 use std::path::{Path, PathBuf};
@@ -57,10 +57,30 @@ DROP INDEX IF EXISTS trans_global_due;
 CREATE INDEX IF NOT EXISTS trans_global_pending ON trans_global(next_cron_time)
   WHERE status = 'prepared' OR status = 'submitted' OR status = 'aborting';
 CREATE INDEX IF NOT EXISTS trans_global_create_time ON trans_global(create_time);
--- A transaction's branches are the `branches` column of its row (`branches.rs`): saving
--- a saga is one row insert and finishing it one row update, not one per branch row and
--- index entry. Earlier layouts kept them in tables of their own (trans_branch_op keyed by
--- gid, then trans_branch keyed by the global's row id); `migrate_branches` moves them.
+-- Where a transaction's branches live (see `branches.rs`):
+-- * the ones it is saved with (a saga's or msg's steps) are the `branches` column of its
+--   row, so saving a saga is one row insert and finishing it one row update, not one per
+--   branch row and index entry;
+-- * the ones added later (tcc, xa and workflow registrations) are rows of trans_branch,
+--   so adding one costs the same however many there are. Its rows are keyed by their
+--   transaction's row id, not by gid: ids grow with time, so new rows and index entries
+--   append at the right edge. trans_branch_op was the old, gid-keyed table;
+--   `migrate_branches` moves its rows here.
+-- A transaction's list is the column's branches, then its rows in insertion order.
+CREATE TABLE IF NOT EXISTS trans_branch (
+  id INTEGER PRIMARY KEY,
+  global_id INTEGER NOT NULL,
+  url TEXT NOT NULL,
+  bin_data BLOB,
+  branch_id TEXT NOT NULL,
+  op TEXT NOT NULL,
+  status TEXT NOT NULL,
+  finish_time INTEGER,
+  rollback_time INTEGER,
+  create_time INTEGER,
+  update_time INTEGER,
+  UNIQUE (global_id, branch_id, op)
+);
 CREATE TABLE IF NOT EXISTS kv (
   id INTEGER PRIMARY KEY,
   cat TEXT NOT NULL,
@@ -79,8 +99,16 @@ const KV_COLS: &str = "id, cat, k, v, version, create_time, update_time";
 /// planner uses that index.
 const UNFINISHED: &str = "(status = 'prepared' OR status = 'submitted' OR status = 'aborting')";
 
-/// The branches of one transaction, as one column.
-const FIND_BRANCHES_SQL: &str = "SELECT branches FROM trans_global WHERE gid = ?1";
+/// The row id and the branch column of one transaction.
+const FIND_BRANCHES_SQL: &str = "SELECT id, branches FROM trans_global WHERE gid = ?1";
+/// Columns of a branch row as `branch_from_row` reads them.
+const BRANCH_COLS: &str = "id, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time";
+/// The branch rows of the transaction with row id `?1`. Sorted by `id` in Rust, not with
+/// `ORDER BY id`: with that clause SQLite (built with STAT4) re-prepares the statement
+/// every time `?1` is bound to a new value.
+fn branch_rows_sql() -> String {
+    format!("SELECT {BRANCH_COLS} FROM trans_branch WHERE global_id = ?1")
+}
 
 fn ms(t: &Option<DateTime<Utc>>) -> Option<i64> {
     t.map(|t| t.timestamp_millis())
@@ -110,6 +138,22 @@ fn global_from_row(r: &Row<'_>) -> rusqlite::Result<TransGlobal> {
         ext_data: r.get(15)?,
         result: r.get(16)?,
         rollback_reason: r.get(17)?,
+    })
+}
+
+fn branch_from_row(r: &Row<'_>) -> rusqlite::Result<Branch> {
+    Ok(Branch {
+        id: r.get(0)?,
+        gid: String::new(),
+        url: r.get(1)?,
+        bin_data: r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
+        branch_id: r.get(3)?,
+        op: r.get(4)?,
+        status: r.get(5)?,
+        finish_time: time(r.get(6)?),
+        rollback_time: time(r.get(7)?),
+        create_time: time(r.get(8)?),
+        update_time: time(r.get(9)?),
     })
 }
 
@@ -341,11 +385,11 @@ impl SqliteStore {
     }
 }
 
-/// Move the branches of a store written by an earlier version (table `trans_branch_op`,
-/// keyed by gid, or `trans_branch`, keyed by the global's row id) into the `branches`
-/// column, keeping their ids and so their order, in one transaction: a crash leaves
-/// either the old tables or the new lists. Branch rows whose transaction is gone (none
-/// are written so) are dropped with the old tables.
+/// Bring a store file written by an earlier version to the current layout, in one
+/// transaction (a crash leaves the file as it was): add the `branches` column, and move
+/// the rows of `trans_branch_op` (keyed by gid) into `trans_branch`, keeping their ids
+/// and so their order. Branch rows whose transaction is gone (none are written so) are
+/// dropped with the old table.
 fn migrate_branches(conn: &Connection) -> Result<(), StoreError> {
     let count = |sql: &str| -> Result<i64, StoreError> {
         conn.query_row(sql, [], |r| r.get(0)).map_err(db_err)
@@ -353,98 +397,32 @@ fn migrate_branches(conn: &Connection) -> Result<(), StoreError> {
     let has_column =
         count("SELECT count(*) FROM pragma_table_info('trans_global') WHERE name = 'branches'")?
             > 0;
-    let mut old = Vec::new();
-    for table in ["trans_branch_op", "trans_branch"] {
-        let n = count(&format!(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'"
-        ))?;
-        if n > 0 {
-            old.push(table);
-        }
-    }
-    if has_column && old.is_empty() {
+    let old_table = count(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'trans_branch_op'",
+    )? > 0;
+    if has_column && !old_table {
         return Ok(());
     }
-    let moved = conn
-        .execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| e.to_string())
-        .and_then(|()| move_branches(conn, has_column, &old))
-        .and_then(|()| conn.execute_batch("COMMIT").map_err(|e| e.to_string()));
-    moved.map_err(|e| {
+    let mut sql = String::from("BEGIN IMMEDIATE;");
+    if !has_column {
+        sql.push_str("ALTER TABLE trans_global ADD COLUMN branches BLOB;");
+    }
+    if old_table {
+        sql.push_str(
+            "INSERT INTO trans_branch (id, global_id, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time)
+               SELECT b.id, g.id, b.url, b.bin_data, b.branch_id, b.op, b.status, b.finish_time, b.rollback_time, b.create_time, b.update_time
+               FROM trans_branch_op b JOIN trans_global g ON g.gid = b.gid ORDER BY b.id;
+             DROP TABLE trans_branch_op;",
+        );
+    }
+    sql.push_str("COMMIT;");
+    conn.execute_batch(&sql).map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
         StoreError::Unavailable(format!(
-            "cannot move the branches of this store to the current layout (tables {} to the branches column of trans_global): {e}; the file is unchanged",
-            old.join(", ")
+            "cannot bring this store file to the current layout (the branches column of trans_global{}): {e}; the file is unchanged",
+            if old_table { ", trans_branch_op to trans_branch" } else { "" }
         ))
     })
-}
-
-fn move_branches(conn: &Connection, has_column: bool, old: &[&str]) -> Result<(), String> {
-    let sql_err = |e: rusqlite::Error| e.to_string();
-    if !has_column {
-        conn.execute_batch("ALTER TABLE trans_global ADD COLUMN branches BLOB")
-            .map_err(sql_err)?;
-    }
-    let mut lists: std::collections::BTreeMap<i64, (String, Vec<Branch>)> = Default::default();
-    for table in old {
-        let join = if *table == "trans_branch_op" {
-            "g.gid = b.gid"
-        } else {
-            "g.id = b.global_id"
-        };
-        let mut st = conn
-            .prepare(&format!(
-                "SELECT g.id, g.gid, b.id, b.url, b.bin_data, b.branch_id, b.op, b.status, b.finish_time, b.rollback_time, b.create_time, b.update_time FROM {table} b JOIN trans_global g ON {join}"
-            ))
-            .map_err(sql_err)?;
-        let mut rows = st.query([]).map_err(sql_err)?;
-        while let Some(r) = rows.next().map_err(sql_err)? {
-            let gid: String = r.get(1).map_err(sql_err)?;
-            let b = Branch {
-                id: r.get(2).map_err(sql_err)?,
-                gid: gid.clone(),
-                url: r.get(3).map_err(sql_err)?,
-                bin_data: r
-                    .get::<_, Option<Vec<u8>>>(4)
-                    .map_err(sql_err)?
-                    .unwrap_or_default(),
-                branch_id: r.get(5).map_err(sql_err)?,
-                op: r.get(6).map_err(sql_err)?,
-                status: r.get(7).map_err(sql_err)?,
-                finish_time: time(r.get(8).map_err(sql_err)?),
-                rollback_time: time(r.get(9).map_err(sql_err)?),
-                create_time: time(r.get(10).map_err(sql_err)?),
-                update_time: time(r.get(11).map_err(sql_err)?),
-            };
-            lists
-                .entry(r.get(0).map_err(sql_err)?)
-                .or_insert_with(|| (gid, Vec::new()))
-                .1
-                .push(b);
-        }
-    }
-    for (id, (gid, mut bs)) in lists {
-        // a list already there (not written by any version alongside the old tables) is kept
-        let there: Option<Vec<u8>> = conn
-            .query_row(
-                "SELECT branches FROM trans_global WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
-            .map_err(sql_err)?;
-        bs.extend(branches::decode(&gid, there.as_deref())?);
-        bs.sort_by_key(|b| b.id);
-        conn.execute(
-            "UPDATE trans_global SET branches = ?1 WHERE id = ?2",
-            params![branches::encode(&bs), id],
-        )
-        .map_err(sql_err)?;
-    }
-    for table in old {
-        conn.execute_batch(&format!("DROP TABLE {table}"))
-            .map_err(sql_err)?;
-    }
-    Ok(())
 }
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
@@ -561,27 +539,33 @@ fn apply_batch_savepoints(
 #[derive(Clone, Copy)]
 enum HotSql {
     InsertGlobal = 0,
-    IdOfGid = 1,
-    IdStatusBranchesOfGid = 2,
-    IdBranchesOfGid = 3,
-    SetBranches = 4,
+    InsertBranch = 1,
+    IdOfGid = 2,
+    IdStatusBranchesOfGid = 3,
+    IdBranchesOfGid = 4,
+    UpdateBranch = 5,
 }
 
 impl HotSql {
     /// How many there are (the last variant's index + 1).
-    const COUNT: usize = HotSql::SetBranches as usize + 1;
+    const COUNT: usize = HotSql::UpdateBranch as usize + 1;
 
     fn text(self) -> &'static str {
         match self {
             HotSql::InsertGlobal => {
                 "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason, branches) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) ON CONFLICT (gid) DO NOTHING"
             }
+            HotSql::InsertBranch => {
+                "INSERT INTO trans_branch (global_id, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            }
             HotSql::IdOfGid => "SELECT id FROM trans_global WHERE gid = ?1",
             HotSql::IdStatusBranchesOfGid => {
                 "SELECT id, status, branches FROM trans_global WHERE gid = ?1"
             }
             HotSql::IdBranchesOfGid => "SELECT id, branches FROM trans_global WHERE gid = ?1",
-            HotSql::SetBranches => "UPDATE trans_global SET branches = ?1 WHERE id = ?2",
+            HotSql::UpdateBranch => {
+                "UPDATE trans_branch SET status = ?1, finish_time = ?2, update_time = ?2 WHERE global_id = ?3 AND branch_id = ?4 AND op = ?5"
+            }
         }
     }
 }
@@ -610,7 +594,7 @@ impl<'c> Hot<'c> {
     }
 }
 
-/// The branch list of a new transaction: ids are positions from 1, in insertion order.
+/// The branch column of a new transaction: ids are positions from 1, in insertion order.
 fn new_branches(branches: &[Branch]) -> Option<Vec<u8>> {
     if branches.is_empty() {
         return None;
@@ -622,39 +606,81 @@ fn new_branches(branches: &[Branch]) -> Option<Vec<u8>> {
     Some(branches::encode(&numbered))
 }
 
-/// `list` with `more` appended after its last id. `UniqueConflict` when a (branch_id, op)
-/// of `more` is in `list` already or twice in `more`.
-fn append_branches(list: &mut Vec<Branch>, more: &[Branch]) -> Result<(), StoreError> {
-    let first = list.iter().map(|b| b.id).max().unwrap_or(0) + 1;
-    for (id, b) in (first..).zip(more) {
-        if list
+/// Insert `more` as branch rows of the transaction whose row id is `global_id`.
+/// `UniqueConflict` when a (branch_id, op) is in the column list `saved` already (the
+/// unique index catches one among the rows).
+fn insert_branches(
+    h: &mut Hot<'_>,
+    global_id: i64,
+    saved: &[Branch],
+    more: &[Branch],
+) -> Result<(), StoreError> {
+    if more.iter().any(|b| {
+        saved
             .iter()
             .any(|x| x.branch_id == b.branch_id && x.op == b.op)
-        {
-            return Err(StoreError::UniqueConflict);
-        }
-        list.push(Branch {
-            id,
-            gid: String::new(),
-            ..b.clone()
-        });
+    }) {
+        return Err(StoreError::UniqueConflict);
+    }
+    let stmt = h.stmt(HotSql::InsertBranch)?;
+    for b in more {
+        stmt.execute(params![
+            global_id,
+            b.url,
+            b.bin_data,
+            b.branch_id,
+            b.op,
+            b.status,
+            ms(&b.finish_time),
+            ms(&b.rollback_time),
+            ms(&b.create_time),
+            ms(&b.update_time)
+        ])
+        .map_err(db_err)?;
     }
     Ok(())
 }
 
-/// Apply `ups` to `list`, each to the branch with its (branch_id, op); an update that
-/// matches no branch changes nothing, as an UPDATE matching no row.
-fn update_branches(list: &mut [Branch], ups: &[BranchUpdate]) {
+/// Apply to the column list `list` the updates of `ups` whose (branch_id, op) is in it;
+/// return the others, which are for branch rows. Says whether `list` changed.
+fn update_saved<'u>(list: &mut [Branch], ups: &'u [BranchUpdate]) -> (bool, Vec<&'u BranchUpdate>) {
+    let mut changed = false;
+    let mut rest = Vec::new();
     for u in ups {
-        if let Some(b) = list
+        match list
             .iter_mut()
             .find(|b| b.branch_id == u.branch_id && b.op == u.op)
         {
-            b.status.clone_from(&u.status);
-            b.finish_time = Some(u.time);
-            b.update_time = Some(u.time);
+            Some(b) => {
+                b.status.clone_from(&u.status);
+                b.finish_time = Some(u.time);
+                b.update_time = Some(u.time);
+                changed = true;
+            }
+            None => rest.push(u),
         }
     }
+    (changed, rest)
+}
+
+/// Apply `ups` to the branch rows of the transaction with row id `global_id`; an update
+/// that matches no row changes nothing.
+fn update_rows(h: &mut Hot<'_>, global_id: i64, ups: &[&BranchUpdate]) -> Result<(), StoreError> {
+    if ups.is_empty() {
+        return Ok(());
+    }
+    let stmt = h.stmt(HotSql::UpdateBranch)?;
+    for u in ups {
+        stmt.execute(params![
+            u.status,
+            u.time.timestamp_millis(),
+            global_id,
+            u.branch_id,
+            u.op
+        ])
+        .map_err(db_err)?;
+    }
+    Ok(())
 }
 
 /// The guarded update of the global with row id `id`. Its id is looked up first, not
@@ -738,14 +764,10 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
                 .optional()
                 .map_err(db_err)?
                 .flatten();
-            let Some((id, list)) = row else {
+            let Some((id, saved)) = row else {
                 return Err(StoreError::NotFound);
             };
-            let mut list = list?;
-            append_branches(&mut list, branches)?;
-            h.stmt(HotSql::SetBranches)?
-                .execute(params![branches::encode(&list), id])
-                .map_err(db_err)?;
+            insert_branches(h, id, &saved?, branches)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::UpdateGlobal {
@@ -755,15 +777,15 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
             set,
             branches,
         } => {
-            // the gid is looked up once, with the branch list when branches change; the
-            // row is then updated by id
-            let (id, list) = if branches.is_empty() {
+            // the gid is looked up once, with the branch column when branches change;
+            // the row is then updated by id, and the updates of branch rows follow
+            let (id, column, rows) = if branches.is_empty() {
                 let id: Option<i64> = h
                     .stmt(HotSql::IdOfGid)?
                     .query_row(params![gid], |r| r.get(0))
                     .optional()
                     .map_err(db_err)?;
-                (id.ok_or(StoreError::NotFound)?, None)
+                (id.ok_or(StoreError::NotFound)?, None, Vec::new())
             } else {
                 let row = h
                     .stmt(HotSql::IdBranchesOfGid)?
@@ -772,13 +794,13 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
                     })
                     .optional()
                     .map_err(db_err)?;
-                let (id, list) = row.ok_or(StoreError::NotFound)?;
-                let mut list = list?;
-                update_branches(&mut list, branches);
-                (id, Some(branches::encode(&list)))
+                let (id, saved) = row.ok_or(StoreError::NotFound)?;
+                let mut saved = saved?;
+                let (changed, rows) = update_saved(&mut saved, branches);
+                (id, changed.then(|| branches::encode(&saved)), rows)
             };
             let (sql, vals) =
-                update_global_sql(set, list, id, expect_status, expect_owner.as_deref());
+                update_global_sql(set, column, id, expect_status, expect_owner.as_deref());
             let n = c
                 .prepare_cached(&sql)
                 .map_err(db_err)?
@@ -787,6 +809,7 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
             if n == 0 {
                 return Err(StoreError::NotFound);
             }
+            update_rows(h, id, &rows)?;
             Ok(WriteOutcome::Done)
         }
         WriteOp::ResetNextCronTime { gid, now } => {
@@ -905,6 +928,10 @@ fn purge(c: &Connection, before: i64, limit: usize) -> Result<WriteOutcome, Stor
         .collect::<Result<_, _>>()
         .map_err(db_err)?;
     for id in &ids {
+        c.prepare_cached("DELETE FROM trans_branch WHERE global_id = ?1")
+            .map_err(db_err)?
+            .execute(params![id])
+            .map_err(db_err)?;
         c.prepare_cached("DELETE FROM trans_global WHERE id = ?1")
             .map_err(db_err)?
             .execute(params![id])
@@ -973,12 +1000,35 @@ impl Store for SqliteStore {
     async fn find_branches(&self, gid: &str) -> Result<Vec<Branch>, StoreError> {
         let gid = gid.to_string();
         self.read(move |c| {
-            c.prepare_cached(FIND_BRANCHES_SQL)?
-                .query_row(params![gid], |r| Ok(branches_at(r, 0, &gid)))
-                .optional()
+            let found = c
+                .prepare_cached(FIND_BRANCHES_SQL)?
+                .query_row(params![gid], |r| {
+                    Ok((r.get::<_, i64>(0)?, branches_at(r, 1, &gid)))
+                })
+                .optional()?;
+            let Some((id, saved)) = found else {
+                return Ok(Ok(Vec::new()));
+            };
+            let mut list = match saved {
+                Ok(list) => list,
+                Err(e) => return Ok(Err(e)),
+            };
+            let mut rows: Vec<Branch> = c
+                .prepare_cached(&branch_rows_sql())?
+                .query_map(params![id], branch_from_row)?
+                .collect::<Result<_, _>>()?;
+            rows.sort_by_key(|b| b.id);
+            list.extend(rows);
+            // ids are positions: the column's come first, then the rows in their order
+            for (pos, b) in (1..).zip(list.iter_mut()) {
+                b.id = pos;
+                if b.gid.is_empty() {
+                    b.gid.clone_from(&gid);
+                }
+            }
+            Ok(Ok(list))
         })
         .await?
-        .unwrap_or(Ok(Vec::new()))
     }
 
     async fn scan_globals(&self, q: &ScanQuery) -> Result<(Vec<TransGlobal>, String), StoreError> {
@@ -1160,20 +1210,27 @@ mod tests {
         drop(SqliteStore::open(&path, Sync::Normal).unwrap_or_else(|e| panic!("{e}")));
         let w = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
         w.execute_batch(
-            "INSERT INTO trans_global (gid, trans_type, status, branches) VALUES ('a', 'saga', 'submitted', X'01'), ('b', 'saga', 'submitted', X'01');",
+            "INSERT INTO trans_global (id, gid, trans_type, status, branches) VALUES (1, 'a', 'saga', 'submitted', X'01'), (2, 'b', 'saga', 'submitted', X'01');
+             INSERT INTO trans_branch (global_id, url, branch_id, op, status) SELECT id, 'u', '01', 'action', 'prepared' FROM trans_global;",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let c = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap_or_else(|e| panic!("{e}"));
         let global = format!("SELECT {GLOBAL_COLS} FROM trans_global WHERE gid = ?1");
-        for sql in [FIND_BRANCHES_SQL.to_string(), global] {
+        let by_gid = ["a", "b", "a", "b"].map(|g| Sql::Text(g.into()));
+        let by_id = [1, 2, 1, 2].map(Sql::Integer);
+        for (sql, keys) in [
+            (FIND_BRANCHES_SQL.to_string(), &by_gid),
+            (global, &by_gid),
+            (branch_rows_sql(), &by_id),
+        ] {
             let mut st = c.prepare(&sql).unwrap_or_else(|e| panic!("{e}"));
-            for g in ["a", "b", "a", "b"] {
+            for k in keys {
                 let n = st
-                    .query_map(params![g], |_| Ok(()))
+                    .query_map(params![k], |_| Ok(()))
                     .unwrap_or_else(|e| panic!("{e}"))
                     .count();
-                assert_eq!(n, 1, "{sql} {g}");
+                assert_eq!(n, 1, "{sql} {k:?}");
             }
             let re = st.get_status(rusqlite::StatementStatus::RePrepare);
             assert_eq!(re, 0, "{sql} was prepared again {re} times");
@@ -1199,7 +1256,8 @@ mod tests {
         for (sql, n) in [
             (HotSql::InsertGlobal.text(), 18),
             (update.as_str(), vals.len()),
-            (HotSql::SetBranches.text(), 2),
+            (HotSql::UpdateBranch.text(), 5),
+            (HotSql::InsertBranch.text(), 10),
         ] {
             let ops = opcodes(&c, sql, n);
             assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{sql}: {ops:?}");
@@ -1225,7 +1283,7 @@ mod tests {
     /// The globals table as versions before the `branches` column created it.
     fn old_globals_schema() -> String {
         let cut = SCHEMA
-            .find("-- A transaction's branches are")
+            .find("-- Where a transaction's branches live")
             .unwrap_or_else(|| panic!("schema"));
         let old = SCHEMA[..cut].replace(",\n  branches BLOB", "");
         assert!(!old.contains("branches"), "{old}");
@@ -1258,8 +1316,7 @@ mod tests {
              INSERT INTO trans_branch (id, global_id, url, bin_data, branch_id, op, status, finish_time) VALUES
                (7, 2, 'http://x/confirm', NULL, '01', 'confirm', 'succeed', 5000),
                (3, 1, 'http://x/out', X'7b7d', '01', 'action', 'succeed', 4000),
-               (2, 1, 'http://x/out-r', X'7b7d', '01', 'compensate', 'prepared', NULL),
-               (9, 99, 'http://x/y', NULL, '01', 'action', 'prepared', NULL);"
+               (2, 1, 'http://x/out-r', X'7b7d', '01', 'compensate', 'prepared', NULL);"
         };
         c.execute_batch(rows).unwrap_or_else(|e| panic!("{e}"));
         drop(c);
@@ -1283,8 +1340,8 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (2, "g1", "compensate", "prepared", b"{}".to_vec()),
-                (3, "g1", "action", "succeed", b"{}".to_vec()),
+                (1, "g1", "compensate", "prepared", b"{}".to_vec()),
+                (2, "g1", "action", "succeed", b"{}".to_vec()),
             ],
             "{old_table}"
         );
@@ -1321,19 +1378,27 @@ mod tests {
             })
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let ids: Vec<i64> = store
+        let got: Vec<(i64, String)> = store
             .find_branches("g1")
             .await
             .unwrap_or_else(|e| panic!("{e}"))
-            .iter()
-            .map(|b| b.id)
+            .into_iter()
+            .map(|b| (b.id, b.url))
             .collect();
-        assert_eq!(ids, vec![2, 3, 4], "{old_table}");
+        assert_eq!(
+            got,
+            vec![
+                (1, "http://x/out-r".to_string()),
+                (2, "http://x/out".to_string()),
+                (3, "http://x/in".to_string())
+            ],
+            "{old_table}"
+        );
         store.close().await;
         let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let old: i64 = c
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name LIKE 'trans_branch%'",
+                "SELECT count(*) FROM sqlite_master WHERE name = 'trans_branch_op'",
                 [],
                 |r| r.get(0),
             )
@@ -1356,8 +1421,116 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn branches_keyed_by_global_row_id_are_moved_on_open() {
+    async fn a_store_without_the_branch_column_gets_it_on_open() {
         earlier_layout_is_moved_on_open("trans_branch").await;
+    }
+
+    /// The branches a transaction is saved with are its row's column; the ones added later
+    /// are rows. Reads give them in that order with positions as ids; updates reach both;
+    /// a (branch_id, op) of either place cannot be added again.
+    #[tokio::test]
+    async fn saved_branches_are_a_column_added_ones_rows() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("m.sqlite");
+        let store = SqliteStore::open(&path, Sync::Normal).unwrap_or_else(|e| panic!("{e}"));
+        let br = |id: &str, op: &str| Branch {
+            url: format!("http://x/{id}/{op}"),
+            branch_id: id.into(),
+            op: op.into(),
+            status: "prepared".into(),
+            bin_data: b"{}".to_vec(),
+            ..Branch::default()
+        };
+        let g = TransGlobal {
+            gid: "m".into(),
+            trans_type: "tcc".into(),
+            status: "prepared".into(),
+            ..TransGlobal::default()
+        };
+        let w = |op: WriteOp| store.write(op);
+        w(WriteOp::SaveNew {
+            global: g,
+            branches: vec![br("01", "cancel"), br("01", "confirm")],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let add = |bs: Vec<Branch>| WriteOp::AddBranches {
+            gid: "m".into(),
+            expect_status: "prepared".into(),
+            branches: bs,
+        };
+        w(add(vec![br("02", "cancel"), br("02", "confirm")]))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for dup in [br("01", "confirm"), br("02", "cancel")] {
+            let got = w(add(vec![br("03", "cancel"), dup.clone()])).await;
+            assert_eq!(got, Err(StoreError::UniqueConflict), "{dup:?}");
+        }
+        let t = Utc::now();
+        let up = |id: &str, op: &str| BranchUpdate {
+            branch_id: id.into(),
+            op: op.into(),
+            status: "succeed".into(),
+            time: t,
+        };
+        w(WriteOp::UpdateGlobal {
+            gid: "m".into(),
+            expect_status: "prepared".into(),
+            expect_owner: None,
+            set: GlobalUpdate {
+                status: Some("submitted".into()),
+                update_time: t,
+                ..GlobalUpdate::default()
+            },
+            branches: vec![up("02", "confirm"), up("01", "confirm")],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let got: Vec<(i64, String, String, String)> = store
+            .find_branches("m")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .map(|b| (b.id, b.gid, b.url, b.status))
+            .collect();
+        let want =
+            |id: i64, u: &str, st: &str| (id, "m".to_string(), u.to_string(), st.to_string());
+        assert_eq!(
+            got,
+            vec![
+                want(1, "http://x/01/cancel", "prepared"),
+                want(2, "http://x/01/confirm", "succeed"),
+                want(3, "http://x/02/cancel", "prepared"),
+                want(4, "http://x/02/confirm", "succeed"),
+            ]
+        );
+        store.close().await;
+        let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let rows: Vec<(String, String)> = c
+            .prepare("SELECT op, status FROM trans_branch ORDER BY id")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            rows,
+            vec![
+                ("cancel".to_string(), "prepared".to_string()),
+                ("confirm".to_string(), "succeed".to_string())
+            ],
+            "the two added branches, and only those, are rows"
+        );
+        let column: Vec<u8> = c
+            .query_row(
+                "SELECT branches FROM trans_global WHERE gid = 'm'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let saved = branches::decode("m", Some(&column)).unwrap_or_else(|e| panic!("{e}"));
+        let st: Vec<&str> = saved.iter().map(|b| b.status.as_str()).collect();
+        assert_eq!(st, vec!["prepared", "succeed"]);
     }
 
     /// A list that cannot be decoded fails the reads and writes of its transaction with
