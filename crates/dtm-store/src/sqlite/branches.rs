@@ -32,8 +32,9 @@ fn put_time(out: &mut Vec<u8>, t: &Option<DateTime<Utc>>) {
     }
 }
 
-/// Encode `branches` (their `gid` is not stored: it is the row's).
-pub(super) fn encode(branches: &[Branch]) -> Vec<u8> {
+/// Encode `branches` (their `gid` is not stored: it is the row's). Their ids are written
+/// as they are, or, with `number_from`, as that number and the ones after it.
+pub(super) fn encode(branches: &[Branch], number_from: Option<i64>) -> Vec<u8> {
     let size: usize = branches
         .iter()
         .map(|b| {
@@ -48,8 +49,9 @@ pub(super) fn encode(branches: &[Branch]) -> Vec<u8> {
         .sum();
     let mut out = Vec::with_capacity(1 + size);
     out.push(VERSION);
-    for b in branches {
-        out.extend_from_slice(&b.id.to_le_bytes());
+    for (i, b) in (0..).zip(branches) {
+        let id = number_from.map_or(b.id, |n| n + i);
+        out.extend_from_slice(&id.to_le_bytes());
         put_bytes(&mut out, b.url.as_bytes());
         put_bytes(&mut out, &b.bin_data);
         put_bytes(&mut out, b.branch_id.as_bytes());
@@ -198,17 +200,23 @@ mod tests {
     #[test]
     fn branches_come_back_as_they_were_written() {
         let bs = sample();
-        let blob = encode(&bs);
+        let blob = encode(&bs, None);
         assert_eq!(blob[0], VERSION);
-        assert_eq!(decode("g", Some(&blob)), Ok(bs));
+        assert_eq!(decode("g", Some(&blob)), Ok(bs.clone()));
+        let numbered: Vec<i64> = decode("g", Some(&encode(&bs, Some(5))))
+            .unwrap_or_default()
+            .iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(numbered, vec![5, 6]);
         assert_eq!(decode("g", None), Ok(vec![]));
         assert_eq!(decode("g", Some(&[])), Ok(vec![]));
-        assert_eq!(decode("g", Some(&encode(&[]))), Ok(vec![]));
+        assert_eq!(decode("g", Some(&encode(&[], None))), Ok(vec![]));
     }
 
     #[test]
     fn a_damaged_list_is_an_error_that_says_where() {
-        let blob = encode(&sample());
+        let blob = encode(&sample(), None);
         for cut in 2..blob.len() {
             let got = decode("g", Some(&blob[..cut]));
             // a cut that falls between two branches is a shorter, valid list
@@ -223,7 +231,7 @@ mod tests {
         newer[0] = 7;
         let e = decode("g", Some(&newer)).err().unwrap_or_default();
         assert!(e.contains("version 7"), "{e}");
-        let mut bad_flag = encode(&sample()[1..]);
+        let mut bad_flag = encode(&sample()[1..], None);
         // the list ends with update_time, finish_time and rollback_time, all absent
         let flag = bad_flag.len() - 3;
         bad_flag[flag] = 2;

@@ -599,11 +599,7 @@ fn new_branches(branches: &[Branch]) -> Option<Vec<u8>> {
     if branches.is_empty() {
         return None;
     }
-    let numbered: Vec<Branch> = (1..)
-        .zip(branches)
-        .map(|(id, b)| Branch { id, ..b.clone() })
-        .collect();
-    Some(branches::encode(&numbered))
+    Some(branches::encode(branches, Some(1)))
 }
 
 /// Insert `more` as branch rows of the transaction whose row id is `global_id`.
@@ -797,7 +793,7 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
                 let (id, saved) = row.ok_or(StoreError::NotFound)?;
                 let mut saved = saved?;
                 let (changed, rows) = update_saved(&mut saved, branches);
-                (id, changed.then(|| branches::encode(&saved)), rows)
+                (id, changed.then(|| branches::encode(&saved, None)), rows)
             };
             let (sql, vals) =
                 update_global_sql(set, column, id, expect_status, expect_owner.as_deref());
