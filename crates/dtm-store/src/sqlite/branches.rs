@@ -11,6 +11,7 @@
 //! empty or NULL column holds no branches.
 
 use chrono::{DateTime, Utc};
+use dtm_core::store::BranchUpdate;
 use dtm_proto::Branch;
 
 /// The first byte of every encoded list.
@@ -110,6 +111,19 @@ impl<'a> Reader<'a> {
         String::from_utf8(b.to_vec()).map_err(|_| format!("{what} at byte {at} is not UTF-8"))
     }
 
+    /// A time as its encoded bytes (a presence byte, and 8 more when present).
+    fn time_bytes(&mut self, what: &str) -> Result<&'a [u8], String> {
+        let (rest, at) = (self.rest, self.at);
+        match self.take(1, what)?[0] {
+            0 => Ok(&rest[..1]),
+            1 => {
+                self.take(8, what)?;
+                Ok(&rest[..9])
+            }
+            f => Err(format!("{what} at byte {at} has presence byte {f}")),
+        }
+    }
+
     fn time(&mut self, what: &str) -> Result<Option<DateTime<Utc>>, String> {
         match self.take(1, what)?[0] {
             0 => Ok(None),
@@ -127,6 +141,75 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Apply `ups` to the encoded list `data` without decoding it: each branch is copied as
+/// it is, except that a branch with the (branch_id, op) of an update gets that update's
+/// status, and its time as `update_time` and `finish_time` (the last such update, as
+/// when they are applied one after the other). Returns the new list, or `None` when no
+/// update matched, and the updates that matched no branch.
+pub(super) fn update<'u>(
+    data: &[u8],
+    ups: &'u [BranchUpdate],
+) -> Result<(Option<Vec<u8>>, Vec<&'u BranchUpdate>), String> {
+    let mut matched = vec![false; ups.len()];
+    let mut out = Vec::with_capacity(data.len() + 16 * ups.len());
+    if let Some(&v) = data.first()
+        && v != VERSION
+    {
+        return Err(version_error(v));
+    }
+    out.push(VERSION);
+    let mut r = Reader {
+        rest: data.get(1..).unwrap_or_default(),
+        at: 1,
+    };
+    while !r.rest.is_empty() {
+        let start = r.rest;
+        r.take(8, "branch id")?;
+        r.bytes("url")?;
+        r.bytes("bin_data")?;
+        let branch_id = r.bytes("branch_id")?;
+        let op = r.bytes("op")?;
+        let head_len = start.len() - r.rest.len();
+        r.bytes("status")?;
+        let create = r.time_bytes("create_time")?;
+        r.time_bytes("update_time")?;
+        r.time_bytes("finish_time")?;
+        let rollback = r.time_bytes("rollback_time")?;
+        let mut last = None;
+        for (i, u) in ups.iter().enumerate() {
+            if u.branch_id.as_bytes() == branch_id && u.op.as_bytes() == op {
+                matched[i] = true;
+                last = Some(u);
+            }
+        }
+        match last {
+            None => out.extend_from_slice(&start[..start.len() - r.rest.len()]),
+            Some(u) => {
+                out.extend_from_slice(&start[..head_len]);
+                put_bytes(&mut out, u.status.as_bytes());
+                out.extend_from_slice(create);
+                put_time(&mut out, &Some(u.time));
+                put_time(&mut out, &Some(u.time));
+                out.extend_from_slice(rollback);
+            }
+        }
+    }
+    let rest: Vec<&BranchUpdate> = ups
+        .iter()
+        .zip(&matched)
+        .filter(|(_, m)| !**m)
+        .map(|(u, _)| u)
+        .collect();
+    let changed = matched.iter().any(|m| *m);
+    Ok((changed.then_some(out), rest))
+}
+
+fn version_error(v: u8) -> String {
+    format!(
+        "branch list version {v} is not known to this server (it knows {VERSION}); was the store written by a newer dtm-rs?"
+    )
+}
+
 /// Decode a `branches` column (NULL and empty hold none), setting each branch's `gid`.
 pub(super) fn decode(gid: &str, data: Option<&[u8]>) -> Result<Vec<Branch>, String> {
     let data = match data {
@@ -134,10 +217,7 @@ pub(super) fn decode(gid: &str, data: Option<&[u8]>) -> Result<Vec<Branch>, Stri
         Some(d) => d,
     };
     if data[0] != VERSION {
-        return Err(format!(
-            "branch list version {} is not known to this server (it knows {VERSION}); was the store written by a newer dtm-rs?",
-            data[0]
-        ));
+        return Err(version_error(data[0]));
     }
     let mut r = Reader {
         rest: &data[1..],
@@ -212,6 +292,46 @@ mod tests {
         assert_eq!(decode("g", None), Ok(vec![]));
         assert_eq!(decode("g", Some(&[])), Ok(vec![]));
         assert_eq!(decode("g", Some(&encode(&[], None))), Ok(vec![]));
+    }
+
+    fn up(id: &str, op: &str, status: &str, ms: i64) -> BranchUpdate {
+        BranchUpdate {
+            branch_id: id.into(),
+            op: op.into(),
+            status: status.into(),
+            time: at(ms).unwrap_or_default(),
+        }
+    }
+
+    /// `update` gives what decoding, changing the branches and encoding again gives.
+    #[test]
+    fn updates_apply_in_place_and_the_unmatched_are_returned() {
+        let bs = sample();
+        let blob = encode(&bs, None);
+        let ups = vec![
+            up("", "compensate", "failed", 7_000),
+            up("09", "action", "succeed", 7_001),
+            up("01", "action", "failed", 7_002),
+            up("", "compensate", "succeed", 7_003),
+        ];
+        let (got, rest) = update(&blob, &ups).unwrap_or_else(|e| panic!("{e}"));
+        let mut want = bs.clone();
+        want[0].status = "failed".into();
+        want[0].update_time = at(7_002);
+        want[0].finish_time = at(7_002);
+        want[1].status = "succeed".into();
+        want[1].update_time = at(7_003);
+        want[1].finish_time = at(7_003);
+        let got = got.unwrap_or_else(|| panic!("no branch changed"));
+        assert_eq!(decode("g", Some(&got)), Ok(want));
+        assert_eq!(rest, vec![&ups[1]]);
+        let (none, rest) = update(&blob, &ups[1..2]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((none, rest.len()), (None, 1));
+        let (none, rest) = update(&[], &ups).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((none, rest.len()), (None, 4));
+        let cut = &blob[..blob.len() - 2];
+        let e = update(cut, &ups).err().unwrap_or_default();
+        assert!(e.contains("at byte"), "{e}");
     }
 
     #[test]

@@ -157,19 +157,25 @@ fn branch_from_row(r: &Row<'_>) -> rusqlite::Result<Branch> {
     })
 }
 
+/// The `branches` column of the row of `gid` could not be read.
+fn damaged(gid: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!(
+        "sqlite: the stored branches of gid {gid} cannot be read: {e}; the store file was changed by hand or is damaged"
+    ))
+}
+
+/// The `branches` column at `idx` of `r`, the row of `gid`, as it is stored.
+fn column_at<'r>(r: &'r Row<'_>, idx: usize, gid: &str) -> Result<&'r [u8], StoreError> {
+    let col = r.get_ref(idx).map_err(db_err)?;
+    let data = col
+        .as_blob_or_null()
+        .map_err(|e| damaged(gid, format!("the column is not a blob ({e})")))?;
+    Ok(data.unwrap_or_default())
+}
+
 /// Decode the `branches` column at `idx` of `r`, the row of `gid`.
 fn branches_at(r: &Row<'_>, idx: usize, gid: &str) -> Result<Vec<Branch>, StoreError> {
-    let col = r.get_ref(idx).map_err(db_err)?;
-    let data = col.as_blob_or_null().map_err(|e| {
-        StoreError::Unavailable(format!(
-            "sqlite: the branches column of gid {gid} is not a blob ({e}); the store file was changed by hand or is damaged"
-        ))
-    })?;
-    branches::decode(gid, data).map_err(|e| {
-        StoreError::Unavailable(format!(
-            "sqlite: the stored branches of gid {gid} cannot be read: {e}; the store file was changed by hand or is damaged"
-        ))
-    })
+    branches::decode(gid, Some(column_at(r, idx, gid)?)).map_err(|e| damaged(gid, e))
 }
 
 fn kv_from_row(r: &Row<'_>) -> rusqlite::Result<Kv> {
@@ -637,28 +643,6 @@ fn insert_branches(
     Ok(())
 }
 
-/// Apply to the column list `list` the updates of `ups` whose (branch_id, op) is in it;
-/// return the others, which are for branch rows. Says whether `list` changed.
-fn update_saved<'u>(list: &mut [Branch], ups: &'u [BranchUpdate]) -> (bool, Vec<&'u BranchUpdate>) {
-    let mut changed = false;
-    let mut rest = Vec::new();
-    for u in ups {
-        match list
-            .iter_mut()
-            .find(|b| b.branch_id == u.branch_id && b.op == u.op)
-        {
-            Some(b) => {
-                b.status.clone_from(&u.status);
-                b.finish_time = Some(u.time);
-                b.update_time = Some(u.time);
-                changed = true;
-            }
-            None => rest.push(u),
-        }
-    }
-    (changed, rest)
-}
-
 /// Apply `ups` to the branch rows of the transaction with row id `global_id`; an update
 /// that matches no row changes nothing.
 fn update_rows(h: &mut Hot<'_>, global_id: i64, ups: &[&BranchUpdate]) -> Result<(), StoreError> {
@@ -783,17 +767,20 @@ fn apply_one(h: &mut Hot<'_>, op: &WriteOp) -> Result<WriteOutcome, StoreError> 
                     .map_err(db_err)?;
                 (id.ok_or(StoreError::NotFound)?, None, Vec::new())
             } else {
+                // the column's branches are changed in their encoded form, not decoded
                 let row = h
                     .stmt(HotSql::IdBranchesOfGid)?
                     .query_row(params![gid], |r| {
-                        Ok((r.get::<_, i64>(0)?, branches_at(r, 1, gid)))
+                        let updated = column_at(r, 1, gid).and_then(|data| {
+                            branches::update(data, branches).map_err(|e| damaged(gid, e))
+                        });
+                        Ok((r.get::<_, i64>(0)?, updated))
                     })
                     .optional()
                     .map_err(db_err)?;
-                let (id, saved) = row.ok_or(StoreError::NotFound)?;
-                let mut saved = saved?;
-                let (changed, rows) = update_saved(&mut saved, branches);
-                (id, changed.then(|| branches::encode(&saved, None)), rows)
+                let (id, updated) = row.ok_or(StoreError::NotFound)?;
+                let (column, rows) = updated?;
+                (id, column, rows)
             };
             let (sql, vals) =
                 update_global_sql(set, column, id, expect_status, expect_owner.as_deref());
