@@ -7,6 +7,8 @@ use serde_json::{Map, Value};
 
 use crate::TransOptions;
 
+mod fast;
+
 /// The body of prepare, submit, abort, forceStop, resetNextCronTime and prepareWorkflow.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TransRequest {
@@ -126,9 +128,7 @@ impl TransRequest {
             req_extra: str_map_field(obj, "req_extra")?,
             ..Default::default()
         };
-        if req.protocol.is_empty() {
-            req.protocol = crate::protocol::HTTP.to_string();
-        }
+        req.default_protocol();
         req.options = TransOptions {
             wait_result: bool_field(obj, "wait_result")?,
             timeout_to_fail: int_field(obj, "timeout_to_fail")?,
@@ -139,16 +139,7 @@ impl TransRequest {
             retry_limit: int_field(obj, "retry_limit")?,
             retry_count: int_field(obj, "retry_count")?,
         };
-        for (k, v) in [
-            ("timeout_to_fail", req.options.timeout_to_fail),
-            ("request_timeout", req.options.request_timeout),
-            ("retry_interval", req.options.retry_interval),
-            ("retry_limit", req.options.retry_limit),
-        ] {
-            if v < 0 {
-                return Err(format!("field '{k}' must not be negative, got {v}"));
-            }
-        }
+        req.check_options()?;
         match obj.get("steps") {
             None | Some(Value::Null) => {}
             Some(Value::Array(items)) => {
@@ -194,13 +185,51 @@ impl TransRequest {
                 ));
             }
         }
-        // Legacy: payloads inside steps[i].data are appended after `payloads`.
-        for step in &req.steps {
-            if let Some(d) = step.get("data") {
-                req.payloads.push(d.clone().into_bytes());
+        req.append_legacy_payloads();
+        Ok(req)
+    }
+
+    /// Decode a JSON body straight from its bytes, without building a `serde_json::Value`
+    /// first. `None` for a body this fast path does not take (any error, and payloads
+    /// that are not strings): [`TransRequest::from_json`] then decodes it, or explains
+    /// what is wrong, so both give the same result for every body.
+    pub fn from_slice(body: &[u8]) -> Option<TransRequest> {
+        let mut req = fast::decode(body).ok()?;
+        req.gid = crate::escape(&req.gid);
+        req.default_protocol();
+        req.check_options().ok()?;
+        req.append_legacy_payloads();
+        Some(req)
+    }
+
+    fn default_protocol(&mut self) {
+        if self.protocol.is_empty() {
+            self.protocol = crate::protocol::HTTP.to_string();
+        }
+    }
+
+    fn check_options(&self) -> Result<(), DecodeError> {
+        let o = &self.options;
+        for (k, v) in [
+            ("timeout_to_fail", o.timeout_to_fail),
+            ("request_timeout", o.request_timeout),
+            ("retry_interval", o.retry_interval),
+            ("retry_limit", o.retry_limit),
+        ] {
+            if v < 0 {
+                return Err(format!("field '{k}' must not be negative, got {v}"));
             }
         }
-        Ok(req)
+        Ok(())
+    }
+
+    /// Legacy: payloads inside steps[i].data are appended after `payloads`.
+    fn append_legacy_payloads(&mut self) {
+        for step in &self.steps {
+            if let Some(d) = step.get("data") {
+                self.payloads.push(d.clone().into_bytes());
+            }
+        }
     }
 }
 

@@ -98,7 +98,8 @@ fn reply(r: Result<Response, ApiError>) -> Response {
     r.unwrap_or_else(|e| error_response(&e))
 }
 
-fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+/// The request body, or why it cannot be used: too large, unreadable, or empty.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(format!(
@@ -113,12 +114,26 @@ fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
             "request body is empty: send a JSON object".into(),
         ));
     }
-    serde_json::from_slice(&bytes)
+    Ok(bytes)
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes)
         .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))
 }
 
+fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    parse_json(&body_bytes(body)?)
+}
+
+/// A transaction request: decoded straight from the bytes when the body has the usual
+/// shape, else through `serde_json::Value`, which also explains what is wrong.
 fn trans_req(body: Result<Bytes, BytesRejection>) -> Result<TransRequest, ApiError> {
-    TransRequest::from_json(&body_json(body)?).map_err(ApiError::BadRequest)
+    let bytes = body_bytes(body)?;
+    if let Some(req) = TransRequest::from_slice(&bytes) {
+        return Ok(req);
+    }
+    TransRequest::from_json(&parse_json(&bytes)?).map_err(ApiError::BadRequest)
 }
 
 fn gid_of(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
