@@ -183,11 +183,9 @@ impl<'de> Deserialize<'de> for Flag {
                 Ok(Flag(v))
             }
             fn visit_i64<E: Error>(self, v: i64) -> Result<Flag, E> {
-                match v {
-                    0 => Ok(Flag(false)),
-                    1 => Ok(Flag(true)),
-                    _ => Err(E::custom("not 0 or 1")),
-                }
+                u64::try_from(v)
+                    .map_err(|_| E::custom("not 0 or 1"))
+                    .and_then(|v| self.visit_u64(v))
             }
             fn visit_u64<E: Error>(self, v: u64) -> Result<Flag, E> {
                 match v {
