@@ -4,11 +4,11 @@
 //! Branches added later (tcc, xa, workflow) are rows of `trans_branch` instead, so that
 //! adding one does not rewrite the list.
 //!
-//! Layout: one version byte ([`VERSION`]), then per branch, in insertion order:
-//! `id` (i64), `url`, `bin_data`, `branch_id`, `op`, `status` (each a u32 length and its
-//! bytes), then `create_time`, `update_time`, `finish_time`, `rollback_time` (each a
+//! Layout: one version byte ([`VERSION`]), then per branch, in insertion order: `url`,
+//! `bin_data`, `branch_id`, `op`, `status` (each a u32 length and its bytes), then `create_time`, `update_time`, `finish_time`, `rollback_time` (each a
 //! presence byte, then i64 milliseconds when present). Integers are little-endian. An
-//! empty or NULL column holds no branches.
+//! empty or NULL column holds no branches. Neither the gid nor the id is stored: the gid
+//! is the row's, and a branch's id is its position in the list.
 
 use chrono::{DateTime, Utc};
 use dtm_core::store::BranchUpdate;
@@ -33,13 +33,12 @@ fn put_time(out: &mut Vec<u8>, t: &Option<DateTime<Utc>>) {
     }
 }
 
-/// Encode `branches` (their `gid` is not stored: it is the row's). Their ids are written
-/// as they are, or, with `number_from`, as that number and the ones after it.
-pub(super) fn encode(branches: &[Branch], number_from: Option<i64>) -> Vec<u8> {
+/// Encode `branches` (their `gid` and `id` are not stored).
+pub(super) fn encode(branches: &[Branch]) -> Vec<u8> {
     let size: usize = branches
         .iter()
         .map(|b| {
-            8 + 5 * 4
+            5 * 4
                 + 4 * 9
                 + b.url.len()
                 + b.bin_data.len()
@@ -50,9 +49,7 @@ pub(super) fn encode(branches: &[Branch], number_from: Option<i64>) -> Vec<u8> {
         .sum();
     let mut out = Vec::with_capacity(1 + size);
     out.push(VERSION);
-    for (i, b) in (0..).zip(branches) {
-        let id = number_from.map_or(b.id, |n| n + i);
-        out.extend_from_slice(&id.to_le_bytes());
+    for b in branches {
         put_bytes(&mut out, b.url.as_bytes());
         put_bytes(&mut out, &b.bin_data);
         put_bytes(&mut out, b.branch_id.as_bytes());
@@ -164,7 +161,6 @@ pub(super) fn update<'u>(
     };
     while !r.rest.is_empty() {
         let start = r.rest;
-        r.take(8, "branch id")?;
         r.bytes("url")?;
         r.bytes("bin_data")?;
         let branch_id = r.bytes("branch_id")?;
@@ -210,8 +206,9 @@ fn version_error(v: u8) -> String {
     )
 }
 
-/// Decode a `branches` column (NULL and empty hold none), setting each branch's `gid`.
-pub(super) fn decode(gid: &str, data: Option<&[u8]>) -> Result<Vec<Branch>, String> {
+/// Decode a `branches` column (NULL and empty hold none). Ids are positions from 1; the
+/// gid is left empty.
+pub(super) fn decode(data: Option<&[u8]>) -> Result<Vec<Branch>, String> {
     let data = match data {
         None | Some([]) => return Ok(Vec::new()),
         Some(d) => d,
@@ -225,10 +222,9 @@ pub(super) fn decode(gid: &str, data: Option<&[u8]>) -> Result<Vec<Branch>, Stri
     };
     let mut out = Vec::new();
     while !r.rest.is_empty() {
-        let id = r.i64("branch id")?;
         out.push(Branch {
-            id,
-            gid: gid.to_string(),
+            id: out.len() as i64 + 1,
+            gid: String::new(),
             url: r.text("url")?,
             bin_data: r.bytes("bin_data")?.to_vec(),
             branch_id: r.text("branch_id")?,
@@ -255,7 +251,7 @@ mod tests {
         vec![
             Branch {
                 id: 1,
-                gid: "g".into(),
+                gid: String::new(),
                 url: "http://svc/TransOut?x=ü".into(),
                 bin_data: vec![0, 255, b'{', b'}'],
                 branch_id: "01".into(),
@@ -267,8 +263,7 @@ mod tests {
                 rollback_time: None,
             },
             Branch {
-                id: 9,
-                gid: "g".into(),
+                id: 2,
                 op: "compensate".into(),
                 status: "prepared".into(),
                 create_time: at(-5),
@@ -280,18 +275,22 @@ mod tests {
     #[test]
     fn branches_come_back_as_they_were_written() {
         let bs = sample();
-        let blob = encode(&bs, None);
+        let blob = encode(&bs);
         assert_eq!(blob[0], VERSION);
-        assert_eq!(decode("g", Some(&blob)), Ok(bs.clone()));
-        let numbered: Vec<i64> = decode("g", Some(&encode(&bs, Some(5))))
-            .unwrap_or_default()
+        assert_eq!(decode(Some(&blob)), Ok(bs.clone()));
+        // ids are positions, whatever the branches held; the gid is not kept
+        let other: Vec<Branch> = bs
             .iter()
-            .map(|b| b.id)
+            .map(|b| Branch {
+                id: b.id + 40,
+                gid: "g".into(),
+                ..b.clone()
+            })
             .collect();
-        assert_eq!(numbered, vec![5, 6]);
-        assert_eq!(decode("g", None), Ok(vec![]));
-        assert_eq!(decode("g", Some(&[])), Ok(vec![]));
-        assert_eq!(decode("g", Some(&encode(&[], None))), Ok(vec![]));
+        assert_eq!(decode(Some(&encode(&other))), Ok(bs));
+        assert_eq!(decode(None), Ok(vec![]));
+        assert_eq!(decode(Some(&[])), Ok(vec![]));
+        assert_eq!(decode(Some(&encode(&[]))), Ok(vec![]));
     }
 
     fn up(id: &str, op: &str, status: &str, ms: i64) -> BranchUpdate {
@@ -307,7 +306,7 @@ mod tests {
     #[test]
     fn updates_apply_in_place_and_the_unmatched_are_returned() {
         let bs = sample();
-        let blob = encode(&bs, None);
+        let blob = encode(&bs);
         let ups = vec![
             up("", "compensate", "failed", 7_000),
             up("09", "action", "succeed", 7_001),
@@ -323,7 +322,7 @@ mod tests {
         want[1].update_time = at(7_003);
         want[1].finish_time = at(7_003);
         let got = got.unwrap_or_else(|| panic!("no branch changed"));
-        assert_eq!(decode("g", Some(&got)), Ok(want));
+        assert_eq!(decode(Some(&got)), Ok(want));
         assert_eq!(rest, vec![&ups[1]]);
         let (none, rest) = update(&blob, &ups[1..2]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((none, rest.len()), (None, 1));
@@ -336,9 +335,9 @@ mod tests {
 
     #[test]
     fn a_damaged_list_is_an_error_that_says_where() {
-        let blob = encode(&sample(), None);
+        let blob = encode(&sample());
         for cut in 2..blob.len() {
-            let got = decode("g", Some(&blob[..cut]));
+            let got = decode(Some(&blob[..cut]));
             // a cut that falls between two branches is a shorter, valid list
             if let Ok(bs) = &got {
                 assert_eq!(bs.len(), 1, "cut at {cut}");
@@ -349,13 +348,13 @@ mod tests {
         }
         let mut newer = blob.clone();
         newer[0] = 7;
-        let e = decode("g", Some(&newer)).err().unwrap_or_default();
+        let e = decode(Some(&newer)).err().unwrap_or_default();
         assert!(e.contains("version 7"), "{e}");
-        let mut bad_flag = encode(&sample()[1..], None);
+        let mut bad_flag = encode(&sample()[1..]);
         // the list ends with update_time, finish_time and rollback_time, all absent
         let flag = bad_flag.len() - 3;
         bad_flag[flag] = 2;
-        let e = decode("g", Some(&bad_flag)).err().unwrap_or_default();
+        let e = decode(Some(&bad_flag)).err().unwrap_or_default();
         assert!(e.contains("presence byte 2"), "{e}");
     }
 }

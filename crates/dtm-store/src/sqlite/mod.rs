@@ -175,7 +175,7 @@ fn column_at<'r>(r: &'r Row<'_>, idx: usize, gid: &str) -> Result<&'r [u8], Stor
 
 /// Decode the `branches` column at `idx` of `r`, the row of `gid`.
 fn branches_at(r: &Row<'_>, idx: usize, gid: &str) -> Result<Vec<Branch>, StoreError> {
-    branches::decode(gid, Some(column_at(r, idx, gid)?)).map_err(|e| damaged(gid, e))
+    branches::decode(Some(column_at(r, idx, gid)?)).map_err(|e| damaged(gid, e))
 }
 
 fn kv_from_row(r: &Row<'_>) -> rusqlite::Result<Kv> {
@@ -600,12 +600,9 @@ impl<'c> Hot<'c> {
     }
 }
 
-/// The branch column of a new transaction: ids are positions from 1, in insertion order.
+/// The branch column of a new transaction (NULL when it has none).
 fn new_branches(branches: &[Branch]) -> Option<Vec<u8>> {
-    if branches.is_empty() {
-        return None;
-    }
-    Some(branches::encode(branches, Some(1)))
+    (!branches.is_empty()).then(|| branches::encode(branches))
 }
 
 /// Insert `more` as branch rows of the transaction whose row id is `global_id`.
@@ -1005,9 +1002,7 @@ impl Store for SqliteStore {
             // ids are positions: the column's come first, then the rows in their order
             for (pos, b) in (1..).zip(list.iter_mut()) {
                 b.id = pos;
-                if b.gid.is_empty() {
-                    b.gid.clone_from(&gid);
-                }
+                b.gid.clone_from(&gid);
             }
             Ok(Ok(list))
         })
@@ -1511,7 +1506,7 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap_or_else(|e| panic!("{e}"));
-        let saved = branches::decode("m", Some(&column)).unwrap_or_else(|e| panic!("{e}"));
+        let saved = branches::decode(Some(&column)).unwrap_or_else(|e| panic!("{e}"));
         let st: Vec<&str> = saved.iter().map(|b| b.status.as_str()).collect();
         assert_eq!(st, vec!["prepared", "succeed"]);
     }
