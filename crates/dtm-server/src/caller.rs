@@ -3,27 +3,24 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use dtm_core::{BranchCall, BranchCaller};
 use dtm_proto::{BranchOutcome, classify_http, protocol, trans_type};
-use http_body_util::{BodyExt, Full};
-use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::header::{HeaderName, HeaderValue};
 
 use crate::grpc_caller::GrpcCaller;
+use crate::h1;
 
 /// Calls branches over HTTP and JSON-RPC, and hands gRPC branches to [`GrpcCaller`]
 /// (transport selection of dtm §5.1).
 ///
-/// Plain `http://` branch calls, the hot path of every transaction, go straight to
-/// hyper's pooled client with a URI parsed once; reqwest's per-request layers (URL
-/// re-parsing, redirect and timeout services) were about a third of the server's CPU per
-/// saga (bench/README.md). `https://` URLs, redirects and the webhook use reqwest.
+/// Plain `http://` branch calls, the hot path of every transaction, go to the small
+/// keep-alive client of [`h1`], which does the exchange in the calling task; reqwest's
+/// per-request layers (URL re-parsing, redirect and timeout services) were about a third
+/// of the server's CPU per saga, and hyper's pooled client a fifth (bench/README.md).
+/// `https://` URLs, URLs with user info, redirects and the webhook use reqwest.
 pub struct HttpCaller {
     client: reqwest::Client,
-    plain: HyperClient<HttpConnector, Full<Bytes>>,
+    plain: h1::Client,
     grpc: GrpcCaller,
 }
 
@@ -49,17 +46,9 @@ impl HttpCaller {
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let plain = HyperClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
         Ok(HttpCaller {
             client,
-            plain,
+            plain: h1::Client::new(),
             grpc: GrpcCaller::new(),
         })
     }
@@ -212,44 +201,51 @@ impl HttpCaller {
                 keep_method: true,
             };
         };
-        let mut req = hyper::Request::new(Full::new(Bytes::from(c.body.clone())));
-        *req.uri_mut() = uri;
-        if post {
-            *req.method_mut() = hyper::Method::POST;
+        let Some(authority) = uri.authority().map(|a| a.as_str()) else {
+            return Plain::Reqwest {
+                url: url.to_string(),
+                keep_method: true,
+            };
+        };
+        // user info (`http://u:p@h/`) becomes basic auth in reqwest
+        if authority.contains('@') {
+            return Plain::Reqwest {
+                url: url.to_string(),
+                keep_method: true,
+            };
         }
-        let headers = req.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let mut headers = Vec::with_capacity(c.headers.len());
         for (k, v) in &c.headers {
-            let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_str(v),
-            ) else {
+            if HeaderName::from_bytes(k.as_bytes()).is_err() || HeaderValue::from_str(v).is_err() {
                 return Plain::Done(BranchOutcome::Error(format!(
                     "branch header {k:?} is not a valid HTTP header: fix branch_headers"
                 )));
-            };
-            headers.insert(name, value);
+            }
+            headers.push((k.as_str(), v.as_str()));
         }
+        let target = match uri.query() {
+            Some(q) => format!("{}?{q}", uri.path()),
+            None => uri.path().to_string(),
+        };
+        let req = h1::Request {
+            authority,
+            target: &target,
+            post,
+            body: &c.body,
+            headers: &headers,
+        };
         let exchange = async {
-            let resp = self.plain.request(req).await.map_err(|e| chain(&e))?;
-            let status = resp.status();
-            if status.is_redirection()
+            let resp = self.plain.send(&req).await?;
+            if (300..400).contains(&resp.status)
                 && let Some(to) = resp
-                    .headers()
-                    .get(hyper::header::LOCATION)
-                    .and_then(|l| l.to_str().ok())
+                    .location
+                    .as_deref()
                     .and_then(|l| reqwest::Url::parse(url).ok()?.join(l).ok())
             {
-                let keep_method = matches!(status.as_u16(), 307 | 308);
+                let keep_method = matches!(resp.status, 307 | 308);
                 return Ok(Err((to.to_string(), keep_method)));
             }
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| chain(&e))?
-                .to_bytes();
-            Ok::<_, String>(Ok((status.as_u16(), body)))
+            Ok::<_, String>(Ok((resp.status, resp.body)))
         };
         match tokio::time::timeout(c.timeout, exchange).await {
             Ok(Ok(Ok((status, body)))) => {

@@ -6,6 +6,7 @@ pub mod caller;
 pub mod config;
 pub mod grpc;
 pub mod grpc_caller;
+pub mod h1;
 pub mod jrpc;
 pub mod metrics;
 pub mod redis_config;
