@@ -339,7 +339,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = std::thread::Builder::new()
             .name("dtm-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, matches!(sync, Sync::Full)))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
@@ -431,15 +431,47 @@ fn migrate_branches(conn: &Connection) -> Result<(), StoreError> {
     })
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
+/// How long the writer waits for more writes before committing a small batch, when each
+/// commit is fsync'd and writes come in concurrently (see [`writer_loop`]).
+const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_micros(150);
+/// A batch with at least this many writes is committed at once.
+const COMMIT_DELAY_BELOW: usize = 8;
+/// The wait applies only when this batch or the one before had at least this many
+/// writes: evidence that many writers are about, not one client or a handful waiting on
+/// each commit in turn.
+const COMMIT_DELAY_AFTER: usize = 6;
+
+/// Take queued writes and commit them in batches (group commit).
+///
+/// With `synchronous=FULL` every commit costs an fsync. Under a moderate load (half of
+/// what the machine can do) the batches are small, and the many fsyncs queue behind one
+/// another and behind the checkpointer's: the tail latency grows. A batch of fewer than
+/// [`COMMIT_DELAY_BELOW`] writes therefore waits [`COMMIT_DELAY`] for more before it is
+/// committed, as Postgres's `commit_delay` does, but only when this batch or the one
+/// before had [`COMMIT_DELAY_AFTER`] writes or more, so that a lone client, or a few
+/// waiting on each commit in turn, are not slowed. At full load the batches are bigger
+/// and nothing waits. (bench/README.md, seventh round, has the measurements.)
+fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, fsync_each: bool) {
+    let take_queued = |rx: &mut mpsc::UnboundedReceiver<Job>, batch: &mut Vec<Job>| {
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => batch.push(j),
                 Err(_) => break,
             }
         }
+    };
+    let mut last_len = 0;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        take_queued(&mut rx, &mut batch);
+        if fsync_each
+            && batch.len() < COMMIT_DELAY_BELOW
+            && (last_len >= COMMIT_DELAY_AFTER || batch.len() >= COMMIT_DELAY_AFTER)
+        {
+            std::thread::sleep(COMMIT_DELAY);
+            take_queued(&mut rx, &mut batch);
+        }
+        last_len = batch.len();
         let results = apply_batch(&mut conn, &batch);
         for (job, r) in batch.into_iter().zip(results) {
             let _ = job.reply.send((r, job.op));
