@@ -201,19 +201,17 @@ impl HttpCaller {
                 keep_method: true,
             };
         };
-        let Some(authority) = uri.authority().map(|a| a.as_str()) else {
+        // user info (`http://u:p@h/`) becomes basic auth in reqwest
+        let Some(authority) = uri
+            .authority()
+            .map(|a| a.as_str())
+            .filter(|a| !a.contains('@'))
+        else {
             return Plain::Reqwest {
                 url: url.to_string(),
                 keep_method: true,
             };
         };
-        // user info (`http://u:p@h/`) becomes basic auth in reqwest
-        if authority.contains('@') {
-            return Plain::Reqwest {
-                url: url.to_string(),
-                keep_method: true,
-            };
-        }
         let mut headers = Vec::with_capacity(c.headers.len());
         for (k, v) in &c.headers {
             if HeaderName::from_bytes(k.as_bytes()).is_err() || HeaderValue::from_str(v).is_err() {

@@ -107,19 +107,14 @@ impl Client {
     /// Send `req` and read the whole response. The error says what failed.
     pub async fn send(&self, req: &Request<'_>) -> Result<Response, String> {
         let wire = encode(req);
-        if let Some(mut conn) = self.checkout(req.authority) {
-            match exchange(&mut conn, &wire).await {
-                Ok((resp, reuse)) => {
-                    if reuse {
-                        self.checkin(req.authority, conn);
-                    }
-                    return Ok(resp);
-                }
+        if let Some(conn) = self.checkout(req.authority) {
+            match self.exchange_on(conn, req.authority, &wire).await {
                 // most likely the branch closed the connection while it was idle: the
                 // request goes out once more on a new one (branches are idempotent
                 // anyway; the coordinator calls them again after any error)
                 Err(Fail::Closed(_)) => {}
                 Err(Fail::Other(e)) => return Err(e),
+                Ok(resp) => return Ok(resp),
             }
         }
         let addr = if has_port(req.authority) {
@@ -132,20 +127,28 @@ impl Client {
             .map_err(|e| format!("tcp connect to {addr}: {e}"))?;
         // a failure here only costs latency (Nagle): the exchange still works
         let _ = stream.set_nodelay(true);
-        let mut conn = Conn {
+        let conn = Conn {
             stream,
             buf: Vec::with_capacity(4096),
             idle_since: Instant::now(),
         };
-        match exchange(&mut conn, &wire).await {
-            Ok((resp, reuse)) => {
-                if reuse {
-                    self.checkin(req.authority, conn);
-                }
-                Ok(resp)
-            }
-            Err(Fail::Closed(e) | Fail::Other(e)) => Err(e),
+        self.exchange_on(conn, req.authority, &wire)
+            .await
+            .map_err(|(Fail::Closed(e) | Fail::Other(e))| e)
+    }
+
+    /// One exchange on `conn`, which goes back to the idle list when it can be reused.
+    async fn exchange_on(
+        &self,
+        mut conn: Conn,
+        authority: &str,
+        wire: &[u8],
+    ) -> Result<Response, Fail> {
+        let (resp, reuse) = exchange(&mut conn, wire).await?;
+        if reuse {
+            self.checkin(authority, conn);
         }
+        Ok(resp)
     }
 
     /// An idle connection to `authority` that is still open, if there is one.
@@ -172,6 +175,10 @@ impl Client {
         let now = Instant::now();
         conn.idle_since = now;
         conn.buf.clear();
+        // a large answer's buffer is not kept for the connection's next small ones
+        if conn.buf.capacity() > 64 * 1024 {
+            conn.buf = Vec::with_capacity(4096);
+        }
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
