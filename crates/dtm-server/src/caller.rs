@@ -221,9 +221,13 @@ impl HttpCaller {
             }
             headers.push((k.as_str(), v.as_str()));
         }
-        let target = match uri.query() {
-            Some(q) => format!("{}?{q}", uri.path()),
-            None => uri.path().to_string(),
+        // origin form as parsed; only a URL without a path (`http://h?x`) needs the `/`
+        let target: std::borrow::Cow<'_, str> = match uri.path_and_query() {
+            Some(pq) if pq.as_str().starts_with('/') => pq.as_str().into(),
+            _ => match uri.query() {
+                Some(q) => format!("{}?{q}", uri.path()).into(),
+                None => uri.path().to_string().into(),
+            },
         };
         let req = h1::Request {
             authority,
@@ -449,6 +453,11 @@ mod tests {
                 format!(r#"POST /ok?{q}|t1|{{"a":1}}"#)
             ]
         );
+
+        // no path: sent as `/`
+        let out = caller.call(&call(format!("{base}?uid=7"), "")).await;
+        assert!(matches!(out, BranchOutcome::Error(_)), "{out:?}");
+        assert_eq!(take(), vec![format!("GET /?uid=7&{q}|t1|")]);
 
         // a space in the path: sent percent-encoded
         let out = caller.call(&call(format!("{base}/a b"), "")).await;

@@ -16,7 +16,7 @@
 //! `http://`, stay with reqwest (see `caller.rs`).
 
 use std::collections::HashMap;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write as _};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -237,7 +237,8 @@ fn encode(req: &Request<'_>) -> Vec<u8> {
     }
     if req.post {
         w.extend_from_slice(b"Content-Length: ");
-        w.extend_from_slice(req.body.len().to_string().as_bytes());
+        // writing to a Vec cannot fail
+        let _ = write!(w, "{}", req.body.len());
         w.extend_from_slice(b"\r\n");
     }
     w.extend_from_slice(b"\r\n");
@@ -781,8 +782,7 @@ mod tests {
                 assert!(
                     a.windows(resp.body.len().max(1))
                         .any(|w| w == resp.body.as_slice())
-                        || resp.body.is_empty()
-                        || resp.body == b"body",
+                        || resp.body.is_empty(),
                     "{:?} gave {resp:?}",
                     String::from_utf8_lossy(a)
                 );
