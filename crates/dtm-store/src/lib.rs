@@ -5,6 +5,7 @@
 //!   task.
 //! - [`redis_store`]: Redis or Redis Cluster, Lua scripts, group commit as pipelines per slot.
 
+mod branch_list;
 pub mod redis_store;
 pub mod sql;
 pub mod sqlite;

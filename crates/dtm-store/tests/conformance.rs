@@ -1605,3 +1605,212 @@ async fn redis_cluster_braced_prefix_conformance() -> R {
     o.prefix = format!("{{{}}}", o.prefix);
     redis_conformance_on(o).await
 }
+
+/// A plain connection to the test database, as the tests' user.
+async fn pg_admin(o: &SqlOptions) -> Result<sqlx_postgres::PgConnection, sqlx_core::Error> {
+    use sqlx_core::connection::Connection;
+    let mut opts = sqlx_postgres::PgConnectOptions::new()
+        .host(&o.host)
+        .port(o.port)
+        .username(&o.user)
+        .database(&o.db);
+    if !o.password.is_empty() {
+        opts = opts.password(&o.password);
+    }
+    sqlx_postgres::PgConnection::connect_with(&opts).await
+}
+
+/// Postgres keeps a new transaction's branches in `trans_global.branches`, their changes
+/// in `branch_states` (columns its migration adds); a database written by dtm, with its
+/// branches as rows of trans_branch_op, is upgraded in place and read as it was.
+#[tokio::test]
+async fn postgres_takes_over_dtm_rows_and_saves_new_branches_in_the_row() -> R {
+    use sqlx_core::executor::Executor;
+    use sqlx_core::query_scalar::query_scalar;
+    use sqlx_core::sql_str::AssertSqlSafe;
+    let Some(o) = sql_options(Dialect::Postgres, "postgres") else {
+        return Ok(());
+    };
+    let mut db = pg_admin(&o).await?;
+    // dtm's own tables (sqls/dtmsvr.storage.postgres.sql: times to the second, no
+    // branch columns) holding one saga as dtm writes it
+    let ddl = format!(
+        "CREATE SCHEMA {s};
+         CREATE TABLE {s}.trans_global (id bigserial PRIMARY KEY, gid varchar(128) NOT NULL, trans_type varchar(45) NOT NULL, status varchar(45) NOT NULL, query_prepared varchar(1024) NOT NULL, protocol varchar(45) NOT NULL, create_time timestamp(0) with time zone DEFAULT NULL, update_time timestamp(0) with time zone DEFAULT NULL, finish_time timestamp(0) with time zone DEFAULT NULL, rollback_time timestamp(0) with time zone DEFAULT NULL, options varchar(1024) DEFAULT '', custom_data varchar(1024) DEFAULT '', next_cron_interval int DEFAULT NULL, next_cron_time timestamp(0) with time zone DEFAULT NULL, owner varchar(128) NOT NULL DEFAULT '', ext_data text, result varchar(1024) DEFAULT '', rollback_reason varchar(1024) DEFAULT '', CONSTRAINT gid UNIQUE (gid));
+         CREATE TABLE {s}.trans_branch_op (id bigserial PRIMARY KEY, gid varchar(128) NOT NULL, url varchar(1024) NOT NULL, data text, bin_data bytea, branch_id varchar(128) NOT NULL, op varchar(45) NOT NULL, status varchar(45) NOT NULL, finish_time timestamp(0) with time zone DEFAULT NULL, rollback_time timestamp(0) with time zone DEFAULT NULL, create_time timestamp(0) with time zone DEFAULT NULL, update_time timestamp(0) with time zone DEFAULT NULL, CONSTRAINT gid_branch_uniq UNIQUE (gid, branch_id, op));
+         CREATE TABLE {s}.kv (id bigserial PRIMARY KEY, cat varchar(45) NOT NULL, k varchar(128) NOT NULL, v text, version bigint DEFAULT 1, create_time timestamp(0) with time zone DEFAULT NULL, update_time timestamp(0) with time zone DEFAULT NULL, CONSTRAINT uniq_k UNIQUE (cat, k));
+         INSERT INTO {s}.trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, next_cron_interval, next_cron_time) VALUES ('old-saga', 'saga', 'submitted', '', 'http', now(), now(), 10, now() + interval '1 hour');
+         INSERT INTO {s}.trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, update_time) VALUES
+           ('old-saga', 'http://b/TransOutRevert', 'c1', '01', 'compensate', 'prepared', now(), now()),
+           ('old-saga', 'http://b/TransOut', 'a1', '01', 'action', 'prepared', now(), now());",
+        s = o.schema
+    );
+    db.execute(AssertSqlSafe(ddl)).await?;
+    let rows_of = |gid: &str| {
+        AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.trans_branch_op WHERE gid = '{gid}'",
+            o.schema
+        ))
+    };
+    let r = async {
+        let s = dtm_store::SqlStore::open(&o).await?;
+        let t = now();
+        // dtm's rows, read as they are, and changed where they are
+        let old = s.find_branches("old-saga").await?;
+        let got: Vec<(&str, &str, &str)> = old
+            .iter()
+            .map(|b| (b.branch_id.as_str(), b.op.as_str(), b.status.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("01", "compensate", "prepared"),
+                ("01", "action", "prepared")
+            ]
+        );
+        s.write(WriteOp::UpdateGlobal {
+            gid: "old-saga".into(),
+            expect_status: "submitted".into(),
+            expect_owner: None,
+            set: set_status("succeed", t),
+            branches: vec![BranchUpdate {
+                branch_id: "01".into(),
+                op: "action".into(),
+                status: "succeed".into(),
+                time: t,
+            }],
+        })
+        .await?;
+        let old = s.find_branches("old-saga").await?;
+        assert_eq!(
+            (old[1].status.as_str(), old[1].finish_time),
+            ("succeed", Some(t))
+        );
+        assert_eq!(old[0].status, "prepared");
+        // a new saga: its branches are in its row, none in trans_branch_op
+        let g = gid("col");
+        let bs = saga_branches(&g, t);
+        save(&s, global(&g, "submitted", t), bs.clone()).await?;
+        let n: i64 = query_scalar(rows_of(&g)).fetch_one(&mut db).await?;
+        assert_eq!(n, 0, "no branch rows for a new transaction");
+        let stored = s.find_branches(&g).await?;
+        let strip = |v: &[Branch]| -> Vec<Branch> {
+            v.iter().map(|b| Branch { id: 0, ..b.clone() }).collect()
+        };
+        assert_eq!(strip(&stored), strip(&bs));
+        // two updates, each appended to the log; the last one of a branch wins
+        for (status, at) in [
+            ("failed", t + Duration::seconds(1)),
+            ("succeed", t + Duration::seconds(2)),
+        ] {
+            s.write(WriteOp::UpdateGlobal {
+                gid: g.clone(),
+                expect_status: "submitted".into(),
+                expect_owner: None,
+                set: GlobalUpdate {
+                    update_time: at,
+                    ..Default::default()
+                },
+                branches: vec![
+                    BranchUpdate {
+                        branch_id: bs[1].branch_id.clone(),
+                        op: bs[1].op.clone(),
+                        status: status.into(),
+                        time: at,
+                    },
+                    // no such branch: changes nothing, as an UPDATE that matches no row
+                    BranchUpdate {
+                        branch_id: "99".into(),
+                        op: "action".into(),
+                        status: status.into(),
+                        time: at,
+                    },
+                ],
+            })
+            .await?;
+        }
+        let mut want = strip(&bs);
+        want[1].status = "succeed".into();
+        want[1].update_time = Some(t + Duration::seconds(2));
+        want[1].finish_time = Some(t + Duration::seconds(2));
+        assert_eq!(strip(&s.find_branches(&g).await?), want);
+        // branches added later are rows, after the saved ones; a saved one cannot be
+        // added again
+        let dup = s
+            .write(WriteOp::AddBranches {
+                gid: g.clone(),
+                expect_status: "submitted".into(),
+                branches: vec![branch(&g, &bs[0].branch_id, &bs[0].op, t)],
+            })
+            .await;
+        assert_eq!(dup, Err(StoreError::UniqueConflict));
+        s.write(WriteOp::AddBranches {
+            gid: g.clone(),
+            expect_status: "submitted".into(),
+            branches: vec![branch(&g, "09", "action", t)],
+        })
+        .await?;
+        let n: i64 = query_scalar(rows_of(&g)).fetch_one(&mut db).await?;
+        assert_eq!(n, 1);
+        let all = s.find_branches(&g).await?;
+        assert_eq!(all.len(), bs.len() + 1);
+        assert_eq!(
+            (all[bs.len()].branch_id.as_str(), all[bs.len()].op.as_str()),
+            ("09", "action")
+        );
+        s.close().await;
+        Ok::<(), Box<dyn std::error::Error>>(())
+    }
+    .await;
+    drop_namespace(&o).await?;
+    r
+}
+
+/// A user who may change rows but not ALTER the tables: the branch columns cannot be
+/// added, and the store keeps every branch as a row of trans_branch_op, under the same
+/// contract.
+#[tokio::test]
+async fn postgres_conformance_without_the_branch_columns() -> R {
+    use sqlx_core::executor::Executor;
+    use sqlx_core::query_scalar::query_scalar;
+    use sqlx_core::sql_str::AssertSqlSafe;
+    let Some(o) = sql_options(Dialect::Postgres, "postgres") else {
+        return Ok(());
+    };
+    // the tables as the server creates them, then without the two columns
+    dtm_store::SqlStore::open(&o).await?.close().await;
+    let mut db = pg_admin(&o).await?;
+    let role = "dtm_t_rows_only";
+    // roles are shared by every test database; an earlier run may have made it
+    let _ = db
+        .execute(AssertSqlSafe(format!("CREATE ROLE {role} LOGIN")))
+        .await;
+    db.execute(AssertSqlSafe(format!(
+        "ALTER TABLE {s}.trans_global DROP COLUMN branches, DROP COLUMN branch_states;
+         GRANT USAGE ON SCHEMA {s} TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {role};
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {role};",
+        s = o.schema
+    )))
+    .await?;
+    let mut limited = o.clone();
+    limited.user = role.into();
+    limited.password = String::new();
+    let r = async {
+        let s = Arc::new(dtm_store::SqlStore::open(&limited).await?);
+        let g = gid("rows");
+        let t = now();
+        save(&*s, global(&g, "submitted", t), saga_branches(&g, t)).await?;
+        let n: i64 = query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.trans_branch_op WHERE gid = '{g}'",
+            o.schema
+        )))
+        .fetch_one(&mut db)
+        .await?;
+        assert_eq!(n, 4, "every branch is a row");
+        conformance(s, Backend::Sql).await
+    }
+    .await;
+    drop_namespace(&o).await?;
+    r
+}

@@ -37,6 +37,7 @@ use dtm_proto::{Branch, TransGlobal};
 
 use super::exec::{DbError, Dialect, Exec, Val, opt_time, time};
 use super::ops::{self, OpError};
+use crate::branch_list;
 
 /// Most ops per MySQL statement (the `CASE` lists are scanned for every row changed).
 const MYSQL_OPS: usize = 64;
@@ -239,7 +240,27 @@ FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[]) AS u(g
 WHERE b.gid = u.gid AND b.branch_id = u.branch_id AND b.op = u.op AND u.gid IN (SELECT gid FROM ug)) \
 SELECT 'i' || gid FROM ng UNION ALL SELECT 'u' || gid FROM ug";
 
-/// The `SaveNew`s and `UpdateGlobal`s of a group with [`PG_GROUP`].
+/// [`PG_GROUP`] when the tables have the branch columns ([`Exec::branch_column`]): a new
+/// global's branches are its `branches` value, not rows, and an update appends its branch
+/// changes to `branch_states`; rows (of branches added later) are updated as before.
+const PG_GROUP_COLUMN: &str = "WITH ng AS (\
+INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason, branches) \
+SELECT * FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::text[], ?::text[], ?::int8[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::bytea[]) \
+ON CONFLICT (gid) DO NOTHING RETURNING gid), \
+ug AS (\
+UPDATE trans_global g SET update_time = u.update_time, status = COALESCE(u.status, g.status), rollback_reason = COALESCE(u.rollback_reason, g.rollback_reason), result = COALESCE(u.result, g.result), custom_data = COALESCE(u.custom_data, g.custom_data), owner = COALESCE(u.owner, g.owner), finish_time = COALESCE(u.finish_time, g.finish_time), rollback_time = COALESCE(u.rollback_time, g.rollback_time), next_cron_time = COALESCE(u.next_cron_time, g.next_cron_time), next_cron_interval = COALESCE(u.next_cron_interval, g.next_cron_interval), \
+branch_states = CASE WHEN u.log IS NULL THEN g.branch_states ELSE COALESCE(g.branch_states, '') || u.log END \
+FROM UNNEST(?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::int8[], ?::text[]) \
+AS u(gid, expect_status, expect_owner, update_time, status, rollback_reason, result, custom_data, owner, finish_time, rollback_time, next_cron_time, next_cron_interval, log) \
+WHERE g.gid = u.gid AND g.status COLLATE \"C\" = u.expect_status AND (u.expect_owner IS NULL OR g.owner = u.expect_owner) RETURNING g.gid), \
+ub AS (\
+UPDATE trans_branch_op b SET status = u.status, finish_time = u.t, update_time = u.t \
+FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[]) AS u(gid, branch_id, op, status, t) \
+WHERE b.gid = u.gid AND b.branch_id = u.branch_id AND b.op = u.op AND u.gid IN (SELECT gid FROM ug)) \
+SELECT 'i' || gid FROM ng UNION ALL SELECT 'u' || gid FROM ug";
+
+/// The `SaveNew`s and `UpdateGlobal`s of a group with [`PG_GROUP`] (or
+/// [`PG_GROUP_COLUMN`]).
 async fn pg_group(
     c: &mut dyn Exec,
     saves: &[Save<'_>],
@@ -272,22 +293,6 @@ async fn pg_group(
     let g_ext = gstrs(|g| &g.ext_data);
     let g_result = gstrs(|g| &g.result);
     let g_reason = gstrs(|g| &g.rollback_reason);
-    // their branches (inserted only where the global was)
-    let bs: Vec<&Branch> = saves.iter().flat_map(|s| s.branches.iter()).collect();
-    let bstrs = |f: fn(&Branch) -> &str| -> Vec<&str> { bs.iter().map(|b| f(b)).collect() };
-    let btimes = |f: fn(&Branch) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
-        bs.iter().map(|b| trunc(f(b))).collect()
-    };
-    let b_gid = bstrs(|b| &b.gid);
-    let b_url = bstrs(|b| &b.url);
-    let b_bin: Vec<&[u8]> = bs.iter().map(|b| b.bin_data.as_slice()).collect();
-    let b_branch = bstrs(|b| &b.branch_id);
-    let b_op = bstrs(|b| &b.op);
-    let b_status = bstrs(|b| &b.status);
-    let b_finish = btimes(|b| b.finish_time);
-    let b_rollback = btimes(|b| b.rollback_time);
-    let b_create = btimes(|b| b.create_time);
-    let b_update = btimes(|b| b.update_time);
     // guarded updates
     let ustrs = |f: for<'x> fn(&'x Upd<'x>) -> &'x str| -> Vec<&str> {
         upds.iter().map(|u| f(u)).collect()
@@ -325,58 +330,109 @@ async fn pg_group(
     let ub_status: Vec<&str> = ubs.iter().map(|(_, b)| b.status.as_str()).collect();
     let ub_t: Vec<Option<DateTime<Utc>>> = ubs.iter().map(|(_, b)| trunc(Some(b.time))).collect();
 
-    let rows = c
-        .texts(
-            PG_GROUP,
-            &[
-                Val::Strs(&g_gid),
-                Val::Strs(&g_type),
-                Val::Strs(&g_status),
-                Val::Strs(&g_qp),
-                Val::Strs(&g_protocol),
-                Val::Times(&g_create),
-                Val::Times(&g_update),
-                Val::Times(&g_finish),
-                Val::Times(&g_rollback),
-                Val::Strs(&g_options),
-                Val::Strs(&g_custom),
-                Val::OptInts(&g_interval),
-                Val::Times(&g_next),
-                Val::Strs(&g_owner),
-                Val::Strs(&g_ext),
-                Val::Strs(&g_result),
-                Val::Strs(&g_reason),
-                Val::Strs(&b_gid),
-                Val::Strs(&b_url),
-                Val::Blobs(&b_bin),
-                Val::Strs(&b_branch),
-                Val::Strs(&b_op),
-                Val::Strs(&b_status),
-                Val::Times(&b_finish),
-                Val::Times(&b_rollback),
-                Val::Times(&b_create),
-                Val::Times(&b_update),
-                Val::Strs(&u_gid),
-                Val::Strs(&u_expect),
-                Val::OptStrs(&u_owner_was),
-                Val::Times(&u_update),
-                Val::OptStrs(&u_status),
-                Val::OptStrs(&u_reason),
-                Val::OptStrs(&u_result),
-                Val::OptStrs(&u_custom),
-                Val::OptStrs(&u_owner),
-                Val::Times(&u_finish),
-                Val::Times(&u_rollback),
-                Val::Times(&u_next),
-                Val::OptInts(&u_interval),
-                Val::Strs(&ub_gid),
-                Val::Strs(&ub_branch),
-                Val::Strs(&ub_op),
-                Val::Strs(&ub_status),
-                Val::Times(&ub_t),
-            ],
-        )
-        .await?;
+    let column = c.branch_column();
+    // the new globals' branches: one list value each, or rows (inserted only where the
+    // global was)
+    let g_lists: Vec<Vec<u8>> = saves
+        .iter()
+        .filter(|_| column)
+        .map(|s| {
+            if s.branches.is_empty() {
+                Vec::new()
+            } else {
+                branch_list::encode(s.branches)
+            }
+        })
+        .collect();
+    let g_branches: Vec<&[u8]> = g_lists.iter().map(Vec::as_slice).collect();
+    let bs: Vec<&Branch> = saves
+        .iter()
+        .filter(|_| !column)
+        .flat_map(|s| s.branches.iter())
+        .collect();
+    let bstrs = |f: fn(&Branch) -> &str| -> Vec<&str> { bs.iter().map(|b| f(b)).collect() };
+    let btimes = |f: fn(&Branch) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        bs.iter().map(|b| trunc(f(b))).collect()
+    };
+    let b_gid = bstrs(|b| &b.gid);
+    let b_url = bstrs(|b| &b.url);
+    let b_bin: Vec<&[u8]> = bs.iter().map(|b| b.bin_data.as_slice()).collect();
+    let b_branch = bstrs(|b| &b.branch_id);
+    let b_op = bstrs(|b| &b.op);
+    let b_status = bstrs(|b| &b.status);
+    let b_finish = btimes(|b| b.finish_time);
+    let b_rollback = btimes(|b| b.rollback_time);
+    let b_create = btimes(|b| b.create_time);
+    let b_update = btimes(|b| b.update_time);
+    // the updates' branch changes, as log lines appended to branch_states
+    let u_logs: Vec<Option<String>> = upds
+        .iter()
+        .map(|u| (column && !u.branches.is_empty()).then(|| branch_list::state_log(u.branches)))
+        .collect();
+    let u_log: Vec<Option<&str>> = u_logs.iter().map(Option::as_deref).collect();
+
+    let mut args = vec![
+        Val::Strs(&g_gid),
+        Val::Strs(&g_type),
+        Val::Strs(&g_status),
+        Val::Strs(&g_qp),
+        Val::Strs(&g_protocol),
+        Val::Times(&g_create),
+        Val::Times(&g_update),
+        Val::Times(&g_finish),
+        Val::Times(&g_rollback),
+        Val::Strs(&g_options),
+        Val::Strs(&g_custom),
+        Val::OptInts(&g_interval),
+        Val::Times(&g_next),
+        Val::Strs(&g_owner),
+        Val::Strs(&g_ext),
+        Val::Strs(&g_result),
+        Val::Strs(&g_reason),
+    ];
+    if column {
+        args.push(Val::Blobs(&g_branches));
+    } else {
+        args.extend([
+            Val::Strs(&b_gid),
+            Val::Strs(&b_url),
+            Val::Blobs(&b_bin),
+            Val::Strs(&b_branch),
+            Val::Strs(&b_op),
+            Val::Strs(&b_status),
+            Val::Times(&b_finish),
+            Val::Times(&b_rollback),
+            Val::Times(&b_create),
+            Val::Times(&b_update),
+        ]);
+    }
+    args.extend([
+        Val::Strs(&u_gid),
+        Val::Strs(&u_expect),
+        Val::OptStrs(&u_owner_was),
+        Val::Times(&u_update),
+        Val::OptStrs(&u_status),
+        Val::OptStrs(&u_reason),
+        Val::OptStrs(&u_result),
+        Val::OptStrs(&u_custom),
+        Val::OptStrs(&u_owner),
+        Val::Times(&u_finish),
+        Val::Times(&u_rollback),
+        Val::Times(&u_next),
+        Val::OptInts(&u_interval),
+    ]);
+    if column {
+        args.push(Val::OptStrs(&u_log));
+    }
+    args.extend([
+        Val::Strs(&ub_gid),
+        Val::Strs(&ub_branch),
+        Val::Strs(&ub_op),
+        Val::Strs(&ub_status),
+        Val::Times(&ub_t),
+    ]);
+    let sql = if column { PG_GROUP_COLUMN } else { PG_GROUP };
+    let rows = c.texts(sql, &args).await?;
     let mut inserted: HashSet<&str> = HashSet::new();
     let mut changed: HashSet<&str> = HashSet::new();
     for r in &rows {

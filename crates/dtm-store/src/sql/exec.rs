@@ -85,6 +85,24 @@ pub(crate) trait Exec: Send {
         sql: &str,
         args: &[Val<'_>],
     ) -> Result<Vec<(i64, String)>, DbError>;
+    /// Whether a new transaction's branches go to `trans_global.branches` (with their
+    /// changes logged in `branch_states`) instead of rows of `trans_branch_op`: on
+    /// Postgres once the columns exist (see `ops::upgrade`).
+    fn branch_column(&self) -> bool {
+        false
+    }
+    /// The first row's `branches` (bytea) and `branch_states` (text), when there is a
+    /// row (Postgres only).
+    async fn branch_list(
+        &mut self,
+        sql: &str,
+        args: &[Val<'_>],
+    ) -> Result<Option<(Option<Vec<u8>>, Option<String>)>, DbError> {
+        let _ = (sql, args);
+        Err(DbError::Protocol(
+            "the branch column is only read on Postgres".into(),
+        ))
+    }
     /// Commit when this is a transaction; nothing otherwise.
     async fn commit(self: Box<Self>) -> Result<(), DbError>;
     /// Roll back when this is a transaction; nothing otherwise.
@@ -110,6 +128,11 @@ pub(crate) trait Engine: Send + Sync + 'static {
         Ok(None)
     }
     fn classify(&self, e: &DbError) -> ErrClass;
+    /// Say whether the tables have the branch columns (after the migration); connections
+    /// handed out later report it in [`Exec::branch_column`].
+    fn set_branch_column(&self, on: bool) {
+        let _ = on;
+    }
     async fn close(&self);
 }
 

@@ -4,7 +4,15 @@
 //!   so a database written by dtm can be taken over. Created when missing, with the
 //!   database (and the Postgres schema) when the user may create them. Existing tables are
 //!   migrated in place at every start, idempotently: times widened to millisecond
-//!   precision, and one index for the retention cleanup (`dtm migrate` runs only this).
+//!   precision, one index for the retention cleanup, and on Postgres the branch columns
+//!   (`dtm migrate` runs only this).
+//! - **Branches on Postgres**: once `trans_global` has `branches` and `branch_states`, a
+//!   new transaction's branches are one value in its row (`crate::branch_list`) and an
+//!   update appends their changes to `branch_states`, so a saga costs one row insert and
+//!   one row update; branches added later (tcc, xa, workflow registrations) are rows of
+//!   `trans_branch_op`, and so is everything dtm wrote. A transaction's branches are its
+//!   row's list, then its rows in insertion order. If the columns cannot be added (a user
+//!   who may not ALTER the tables), every branch is a row, as on MySQL.
 //! - **Group commit**: a writer task takes every write waiting in its queue (up to
 //!   [`MAX_BATCH`]) and applies them in one database transaction, committed once; then
 //!   each waiter gets its own result. Two writers run side by side on their own
@@ -234,6 +242,7 @@ impl SqlStore {
         let m = migrate(&*engine)
             .await
             .map_err(|e| errs.store(engine.classify(&e), "create or migrate the tables", &e))?;
+        engine.set_branch_column(m.branch_column);
         for d in m.done {
             tracing::info!("{desc}: schema: {d}");
         }

@@ -7,6 +7,7 @@ use dtm_core::store::{BranchUpdate, GlobalUpdate, Kv, ScanQuery, WriteOp, WriteO
 use dtm_proto::{Branch, TransGlobal};
 
 use super::exec::{DbError, Dialect, Exec, Val, opt_time, time};
+use crate::branch_list;
 
 pub(crate) const GLOBAL_COLS: &str = "id, gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason";
 const BRANCH_COLS: &str = "id, gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time";
@@ -15,7 +16,8 @@ const UNFINISHED: &str = "status IN ('prepared', 'submitted', 'aborting')";
 const FINISHED: &str = "status IN ('succeed', 'failed')";
 
 /// Tables as dtm defines them (same names, columns and keys, so that a database written by
-/// dtm can be taken over and the other way round), with times at millisecond precision.
+/// dtm can be taken over), with times at millisecond precision. Postgres adds two columns
+/// to trans_global in place (see [`upgrade`]).
 const PG_SCHEMA: &[(&str, &[&str])] = &[
     (
         "trans_global",
@@ -150,6 +152,9 @@ pub(crate) struct Migration {
     /// Upgrades that could not be made (say the user may not ALTER dtm's tables); the
     /// store works without them.
     pub warnings: Vec<String>,
+    /// The tables have `trans_global.branches` and `branch_states` (Postgres, see
+    /// [`upgrade`]): new transactions keep their branches there.
+    pub branch_column: bool,
 }
 
 /// Create the tables when missing and bring existing ones (dtm's, or an older dtm-rs's)
@@ -175,6 +180,9 @@ pub(crate) async fn migrate(c: &mut dyn Exec) -> Result<Migration, DbError> {
         }
     }
     let r = migrate_locked(c, d, &mut done).await;
+    if r.is_ok() && d == Dialect::Postgres {
+        done.branch_column = has_branch_column(c).await?;
+    }
     if d == Dialect::MySql {
         let _ = c
             .exec("SELECT RELEASE_LOCK(CONCAT('dtm-rs-', DATABASE()))", &[])
@@ -215,7 +223,7 @@ async fn migrate_locked(c: &mut dyn Exec, d: Dialect, m: &mut Migration) -> Resu
             }
             m.done.truncate(before);
             m.warnings.push(format!(
-                "could not upgrade the tables ({e}); running on them as they are (times to the second, no index for the retention cleanup). Run `dtm migrate` as a user who may ALTER them"
+                "could not upgrade the tables ({e}); running on them as they are (which may mean times to the second, no index for the retention cleanup, and every branch as a row of trans_branch_op). Run `dtm migrate` as a user who may ALTER them"
             ));
         }
     }
@@ -299,7 +307,30 @@ async fn upgrade(c: &mut dyn Exec, d: Dialect, done: &mut Vec<String>) -> Result
             }
         }
     }
+    // Migration 3 (Postgres): a new transaction's branches in one column of its row, and
+    // their changes appended to a log beside it (`crate::branch_list`), instead of a row
+    // per branch in trans_branch_op. Rows written before, by dtm or by an older dtm-rs,
+    // stay where they are and are read as before.
+    if d == Dialect::Postgres && !has_branch_column(c).await? {
+        c.exec(
+            "ALTER TABLE trans_global ADD COLUMN IF NOT EXISTS branches bytea, ADD COLUMN IF NOT EXISTS branch_states text",
+            &[],
+        )
+        .await?;
+        done.push("trans_global: columns branches, branch_states".into());
+    }
     Ok(())
+}
+
+/// Whether trans_global has the branch columns of migration 3 (Postgres).
+async fn has_branch_column(c: &mut dyn Exec) -> Result<bool, DbError> {
+    let n = c
+        .texts(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'trans_global' AND column_name IN ('branches', 'branch_states')",
+            &[],
+        )
+        .await?;
+    Ok(n.first().map(String::as_str) == Some("2"))
 }
 
 async fn table_exists(c: &mut dyn Exec, d: Dialect, table: &str) -> Result<bool, DbError> {
@@ -333,6 +364,8 @@ const INSERT_CHUNK: usize = 500;
 /// The head of an INSERT of trans_global rows, and one row's placeholders.
 pub(crate) const GLOBAL_INSERT: &str = "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES";
 pub(crate) const GLOBAL_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+/// A trans_global row with its branch list (Postgres, [`Exec::branch_column`]).
+const GLOBAL_INSERT_WITH_BRANCHES: &str = "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason, branches) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gid) DO NOTHING";
 
 /// The arguments of one trans_global row, in `GLOBAL_INSERT`'s column order.
 pub(crate) fn global_values(g: &TransGlobal) -> [Val<'_>; 17] {
@@ -464,6 +497,20 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
             global: g,
             branches,
         } => {
+            if c.branch_column() {
+                let list = if branches.is_empty() {
+                    Vec::new()
+                } else {
+                    branch_list::encode(branches)
+                };
+                let mut args = global_values(g).to_vec();
+                args.push(Val::Bytes(&list));
+                let n = c.exec(GLOBAL_INSERT_WITH_BRANCHES, &args).await?;
+                if n == 0 {
+                    return Err(OpError::Logical(UniqueConflict));
+                }
+                return Ok(WriteOutcome::Done);
+            }
             let mut sql = format!("{GLOBAL_INSERT} {GLOBAL_ROW}");
             match d {
                 Dialect::Postgres => sql.push_str(" ON CONFLICT (gid) DO NOTHING"),
@@ -501,6 +548,27 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
                 .first()
                 .and_then(|b| b.update_time.or(b.create_time))
                 .unwrap_or_else(Utc::now);
+            if c.branch_column() {
+                // the branches it was saved with are not rows: no unique key sees them
+                let saved = c
+                    .branch_list(
+                        "SELECT branches, branch_states FROM trans_global WHERE gid = ? AND status = ? FOR UPDATE",
+                        &[Val::Str(gid), Val::Str(expect_status)],
+                    )
+                    .await?;
+                let Some((list, _)) = saved else {
+                    return Err(OpError::Logical(NotFound));
+                };
+                let saved = branch_list::decode(list.as_deref())
+                    .map_err(|e| OpError::Db(damaged(gid, e)))?;
+                if branches.iter().any(|b| {
+                    saved
+                        .iter()
+                        .any(|x| x.branch_id == b.branch_id && x.op == b.op)
+                }) {
+                    return Err(OpError::Logical(UniqueConflict));
+                }
+            }
             let n = c
                 .exec(
                     "UPDATE trans_global SET update_time = ? WHERE gid = ? AND status = ?",
@@ -520,8 +588,14 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
             set,
             branches,
         } => {
-            let mut args = Vec::with_capacity(16);
-            let cols = update_sql(set, &mut args);
+            let mut args = Vec::with_capacity(17);
+            let mut cols = update_sql(set, &mut args);
+            let log = (c.branch_column() && !branches.is_empty())
+                .then(|| branch_list::state_log(branches));
+            if let Some(log) = &log {
+                cols.push_str(", branch_states = COALESCE(branch_states, '') || ?");
+                args.push(Val::Str(log));
+            }
             let mut sql = format!("UPDATE trans_global SET {cols} WHERE gid = ? AND status = ?");
             args.push(Val::Str(gid));
             args.push(Val::Str(expect_status));
@@ -723,9 +797,35 @@ pub(crate) async fn find_global(
     Ok(c.globals(&sql, &[Val::Str(gid)]).await?.into_iter().next())
 }
 
+/// A transaction's branches: those it was saved with (in `trans_global.branches`, with
+/// the changes of `branch_states` applied), then its rows of trans_branch_op in insertion
+/// order.
 pub(crate) async fn find_branches(c: &mut dyn Exec, gid: &str) -> Result<Vec<Branch>, DbError> {
+    let mut out = Vec::new();
+    if c.branch_column()
+        && let Some((list, log)) = c
+            .branch_list(
+                "SELECT branches, branch_states FROM trans_global WHERE gid = ?",
+                &[Val::Str(gid)],
+            )
+            .await?
+    {
+        out = branch_list::decode(list.as_deref()).map_err(|e| damaged(gid, e))?;
+        if let Some(log) = log {
+            branch_list::apply_state_log(&mut out, &log).map_err(|e| damaged(gid, e))?;
+        }
+        for b in &mut out {
+            b.gid = gid.to_string();
+        }
+    }
     let sql = format!("SELECT {BRANCH_COLS} FROM trans_branch_op WHERE gid = ? ORDER BY id");
-    c.branches(&sql, &[Val::Str(gid)]).await
+    out.extend(c.branches(&sql, &[Val::Str(gid)]).await?);
+    Ok(out)
+}
+
+/// The error for a branch list that cannot be read.
+fn damaged(gid: &str, e: String) -> DbError {
+    DbError::Decode(format!("the stored branches of transaction {gid} cannot be read: {e}").into())
 }
 
 pub(crate) async fn scan_globals(

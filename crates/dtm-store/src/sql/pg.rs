@@ -1,6 +1,7 @@
 //! The Postgres driver: connection setup (database and schema created when missing),
 //! binding and row decoding.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,6 +28,8 @@ pub(crate) struct PgEngine {
     pool: PgPool,
     /// The batch writers' connections (see [`PgEngine::begin_batch`]).
     writers: PgPool,
+    /// The tables have `trans_global.branches` and `branch_states`.
+    column: AtomicBool,
 }
 
 fn connect_options(o: &SqlOptions, db: &str) -> PgConnectOptions {
@@ -118,6 +121,7 @@ pub(crate) async fn open(o: &SqlOptions) -> Result<PgEngine, DbError> {
     Ok(PgEngine {
         pool: pool_of((o.max_open_conns as usize).saturating_sub(writers), opts),
         writers: pool_of(writers, writer_opts),
+        column: AtomicBool::new(false),
     })
 }
 
@@ -143,6 +147,15 @@ pub(crate) async fn list_schemas(o: &SqlOptions, prefix: &str) -> Result<Vec<Str
     rows?.iter().map(|r| r.try_get::<String, _>(0)).collect()
 }
 
+impl PgEngine {
+    fn wrap(&self, c: PgConn) -> Box<dyn Exec> {
+        Box::new(PgExec {
+            c,
+            column: self.column.load(Ordering::Relaxed),
+        })
+    }
+}
+
 #[async_trait]
 impl Engine for PgEngine {
     fn dialect(&self) -> Dialect {
@@ -150,11 +163,11 @@ impl Engine for PgEngine {
     }
 
     async fn conn(&self) -> Result<Box<dyn Exec>, DbError> {
-        Ok(Box::new(PgExec::Conn(self.pool.acquire().await?)))
+        Ok(self.wrap(PgConn::Conn(self.pool.acquire().await?)))
     }
 
     async fn begin(&self) -> Result<Box<dyn Exec>, DbError> {
-        Ok(Box::new(PgExec::Tx(self.pool.begin().await?)))
+        Ok(self.wrap(PgConn::Tx(self.pool.begin().await?)))
     }
 
     /// The batched statements join an `UNNEST`ed array with the table. Their plan is
@@ -165,13 +178,13 @@ impl Engine for PgEngine {
     /// out the others (`enable_seqscan`, `enable_hashjoin`, `enable_mergejoin` off, set
     /// at connection start), on a pool of their own.
     async fn begin_batch(&self) -> Result<Box<dyn Exec>, DbError> {
-        Ok(Box::new(PgExec::Tx(self.writers.begin().await?)))
+        Ok(self.wrap(PgConn::Tx(self.writers.begin().await?)))
     }
 
     /// A batch that is one group is one statement ([`super::batch`]), atomic and
     /// committed on its own: no `BEGIN`/`COMMIT` round trips.
     async fn autocommit_batch(&self) -> Result<Option<Box<dyn Exec>>, DbError> {
-        Ok(Some(Box::new(PgExec::Conn(self.writers.acquire().await?))))
+        Ok(Some(self.wrap(PgConn::Conn(self.writers.acquire().await?))))
     }
 
     fn classify(&self, e: &DbError) -> ErrClass {
@@ -192,22 +205,32 @@ impl Engine for PgEngine {
         }
     }
 
+    fn set_branch_column(&self, on: bool) {
+        self.column.store(on, Ordering::Relaxed);
+    }
+
     async fn close(&self) {
         self.pool.close().await;
         self.writers.close().await;
     }
 }
 
-enum PgExec {
+enum PgConn {
     Conn(PoolConnection<Postgres>),
     Tx(Transaction<'static, Postgres>),
 }
 
+struct PgExec {
+    c: PgConn,
+    /// See [`Exec::branch_column`].
+    column: bool,
+}
+
 impl PgExec {
     fn raw(&mut self) -> &mut PgConnection {
-        match self {
-            PgExec::Conn(c) => c,
-            PgExec::Tx(t) => t,
+        match &mut self.c {
+            PgConn::Conn(c) => c,
+            PgConn::Tx(t) => t,
         }
     }
 }
@@ -350,17 +373,30 @@ impl Exec for PgExec {
             .collect()
     }
 
+    fn branch_column(&self) -> bool {
+        self.column
+    }
+
+    async fn branch_list(
+        &mut self,
+        sql: &str,
+        args: &[Val<'_>],
+    ) -> Result<Option<(Option<Vec<u8>>, Option<String>)>, DbError> {
+        let row = build(sql, args).fetch_optional(self.raw()).await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), DbError> {
-        match *self {
-            PgExec::Conn(_) => Ok(()),
-            PgExec::Tx(t) => t.commit().await,
+        match self.c {
+            PgConn::Conn(_) => Ok(()),
+            PgConn::Tx(t) => t.commit().await,
         }
     }
 
     async fn rollback(self: Box<Self>) -> Result<(), DbError> {
-        match *self {
-            PgExec::Conn(_) => Ok(()),
-            PgExec::Tx(t) => t.rollback().await,
+        match self.c {
+            PgConn::Conn(_) => Ok(()),
+            PgConn::Tx(t) => t.rollback().await,
         }
     }
 }

@@ -23,7 +23,7 @@ use rusqlite::types::Value as Sql;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
 use tokio::sync::{mpsc, oneshot};
 
-mod branches;
+use crate::branch_list as branches;
 
 const MAX_BATCH: usize = 512;
 

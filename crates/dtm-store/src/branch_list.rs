@@ -1,21 +1,25 @@
-//! The embedded store keeps the branches a transaction is saved with (a saga's or msg's
-//! steps) in one BLOB, the `branches` column of its `trans_global` row, so that saving a
+//! A list of branches encoded as one value: the branches a transaction is saved with (a
+//! saga's or msg's steps), kept in one column of its `trans_global` row, so that saving a
 //! saga is one row insert and finishing it one row update, whatever its number of steps.
-//! Branches added later (tcc, xa, workflow) are rows of `trans_branch` instead, so that
-//! adding one does not rewrite the list.
+//! Branches added later (tcc, xa, workflow) are rows of their own instead, so that adding
+//! one does not rewrite the list. The embedded store keeps the list in `branches` and
+//! changes it in place ([`update`]); Postgres keeps it in `branches` too, and appends
+//! each change to a log in `branch_states` ([`state_log`], [`apply_state_log`]), which
+//! SQL can do without reading the list.
 //!
 //! Layout: one version byte ([`VERSION`]), then per branch, in insertion order: `url`,
-//! `bin_data`, `branch_id`, `op`, `status` (each a u32 length and its bytes), then `create_time`, `update_time`, `finish_time`, `rollback_time` (each a
-//! presence byte, then i64 milliseconds when present). Integers are little-endian. An
-//! empty or NULL column holds no branches. Neither the gid nor the id is stored: the gid
-//! is the row's, and a branch's id is its position in the list.
+//! `bin_data`, `branch_id`, `op`, `status` (each a u32 length and its bytes), then
+//! `create_time`, `update_time`, `finish_time`, `rollback_time` (each a presence byte, then
+//! i64 milliseconds when present). Integers are little-endian. An empty or NULL column
+//! holds no branches. Neither the gid nor the id is stored: the gid is the row's, and a
+//! branch's id is its position in the list.
 
 use chrono::{DateTime, Utc};
 use dtm_core::store::BranchUpdate;
 use dtm_proto::Branch;
 
 /// The first byte of every encoded list.
-pub(super) const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     // a field longer than 4 GiB cannot reach here: request bodies are far smaller
@@ -34,7 +38,7 @@ fn put_time(out: &mut Vec<u8>, t: &Option<DateTime<Utc>>) {
 }
 
 /// Encode `branches` (their `gid` and `id` are not stored).
-pub(super) fn encode(branches: &[Branch]) -> Vec<u8> {
+pub(crate) fn encode(branches: &[Branch]) -> Vec<u8> {
     let size: usize = branches
         .iter()
         .map(|b| {
@@ -143,7 +147,7 @@ impl<'a> Reader<'a> {
 /// status, and its time as `update_time` and `finish_time` (the last such update, as
 /// when they are applied one after the other). Returns the new list, or `None` when no
 /// update matched, and the updates that matched no branch.
-pub(super) fn update<'u>(
+pub(crate) fn update<'u>(
     data: &[u8],
     ups: &'u [BranchUpdate],
 ) -> Result<(Option<Vec<u8>>, Vec<&'u BranchUpdate>), String> {
@@ -200,6 +204,40 @@ pub(super) fn update<'u>(
     Ok((changed.then_some(out), rest))
 }
 
+/// The state log entries of `ups`, one JSON array per line: `[op, branch_id, status,
+/// unix ms]`. Appended to what is stored, in order; the last entry of a branch wins.
+pub(crate) fn state_log(ups: &[BranchUpdate]) -> String {
+    let mut out = String::with_capacity(48 * ups.len());
+    for u in ups {
+        let line = serde_json::json!([u.op, u.branch_id, u.status, u.time.timestamp_millis()]);
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// Apply a state log to the branches of the list it belongs to: each entry sets the
+/// status of the branch with its (branch_id, op), and its time as `update_time` and
+/// `finish_time`. Entries for a branch that is not in the list change nothing (like an
+/// SQL UPDATE that matches no row).
+pub(crate) fn apply_state_log(branches: &mut [Branch], log: &str) -> Result<(), String> {
+    for (n, line) in log.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let (op, branch_id, status, ms): (String, String, String, i64) = serde_json::from_str(line)
+            .map_err(|e| format!("branch state log line {}: {e}", n + 1))?;
+        let t = DateTime::from_timestamp_millis(ms)
+            .ok_or_else(|| format!("branch state log line {}: {ms} ms is out of range", n + 1))?;
+        for b in branches
+            .iter_mut()
+            .filter(|b| b.branch_id == branch_id && b.op == op)
+        {
+            b.status.clone_from(&status);
+            b.update_time = Some(t);
+            b.finish_time = Some(t);
+        }
+    }
+    Ok(())
+}
+
 fn version_error(v: u8) -> String {
     format!(
         "branch list version {v} is not known to this server (it knows {VERSION}); was the store written by a newer dtm-rs?"
@@ -208,7 +246,7 @@ fn version_error(v: u8) -> String {
 
 /// Decode a `branches` column (NULL and empty hold none). Ids are positions from 1; the
 /// gid is left empty.
-pub(super) fn decode(data: Option<&[u8]>) -> Result<Vec<Branch>, String> {
+pub(crate) fn decode(data: Option<&[u8]>) -> Result<Vec<Branch>, String> {
     let data = match data {
         None | Some([]) => return Ok(Vec::new()),
         Some(d) => d,
@@ -356,5 +394,32 @@ mod tests {
         bad_flag[flag] = 2;
         let e = decode(Some(&bad_flag)).err().unwrap_or_default();
         assert!(e.contains("presence byte 2"), "{e}");
+    }
+
+    /// Applying a state log gives what `update` gives for the same updates; entries
+    /// of branches not in the list change nothing.
+    #[test]
+    fn a_state_log_applies_like_update() {
+        let bs = sample();
+        let ups = vec![
+            up("", "compensate", "failed", 7_000),
+            up("09", "action", "succeed", 7_001),
+            up("01", "action", "failed", 7_002),
+            up("", "compensate", "succeed", 7_003),
+        ];
+        // written in two appends, as two writes of a pass would
+        let log = state_log(&ups[..2]) + &state_log(&ups[2..]);
+        assert_eq!(log.lines().count(), 4);
+        let mut got = bs.clone();
+        apply_state_log(&mut got, &log).unwrap_or_else(|e| panic!("{e}"));
+        let (blob, _) = update(&encode(&bs), &ups).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(Ok(got), decode(blob.as_deref()));
+        let mut same = bs.clone();
+        apply_state_log(&mut same, "").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(same, bs);
+        let e = apply_state_log(&mut same, "[\"action\",\"01\"]\n")
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("line 1"), "{e}");
     }
 }
