@@ -31,10 +31,16 @@
 //! # Writes
 //!
 //! Every change is one Lua script, atomic on its own (status / owner guards, branch
-//! changes and index upkeep together). Writes of many requests are gathered by one writer
-//! task into batches: a batch is sent as one pipeline of EVALSHA calls per slot, the
+//! changes and index upkeep together). Writes of many requests are gathered by writer
+//! tasks into batches: a batch is sent as one pipeline of EVALSHA calls per slot, the
 //! pipelines of a batch run concurrently, then each waiter gets its own result (group
-//! commit). `ClaimDue` and `ResetCronTime` span shards and run directly, shard by shard.
+//! commit). There are [`LANES`] writer tasks, each on a connection of its own with one
+//! batch in flight; a shard's writes always go to the same one, so one transaction's
+//! writes keep their order. Several connections matter to Redis itself: it reads a
+//! bounded amount (16 KiB) from each client per event-loop pass, and with `appendfsync
+//! always` it syncs the AOF once per pass, so one connection gets about one fsync per 16
+//! KiB of writes, and four share each fsync. `ClaimDue` and `ResetCronTime` span shards
+//! and run directly, shard by shard.
 //!
 //! # Retention
 //!
@@ -65,6 +71,12 @@ use conn::{Call, Conn};
 
 /// Most writes in one batch.
 const MAX_BATCH: usize = 512;
+/// Writer lanes, each with its own connection (per node, on a cluster) and one batch in
+/// flight. A shard's writes always take the same lane, so one transaction's writes keep
+/// their order. Redis reads a bounded amount from each client per event-loop pass and,
+/// with `appendfsync always`, syncs once per pass: batches arriving on several
+/// connections share one sync.
+const LANES: usize = 4;
 /// Entries one shard examines at most for one page of `GET /all`.
 const SCAN_BUDGET: usize = 1000;
 
@@ -192,6 +204,8 @@ struct Job {
 
 struct Inner {
     conn: Conn,
+    /// The writer lanes' own connections.
+    lanes: Vec<Conn>,
     target: String,
     opts: RedisOptions,
     layout: OnceCell<Layout>,
@@ -201,8 +215,8 @@ struct Inner {
 
 pub struct RedisStore {
     inner: Arc<Inner>,
-    writer: Mutex<Option<mpsc::UnboundedSender<Job>>>,
-    writer_task: Mutex<Option<JoinHandle<()>>>,
+    writer: Mutex<Option<Vec<mpsc::UnboundedSender<Job>>>>,
+    writer_task: Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn status_of(v: &Value) -> Option<&[u8]> {
@@ -248,28 +262,39 @@ impl RedisStore {
             .map(|(h, p)| format!("{h}:{p}"))
             .collect::<Vec<_>>()
             .join(",");
-        let conn = conn::connect(&opts.nodes, opts.cluster, &opts.user, &opts.password)
-            .map_err(|e| {
+        let open_conn = || {
+            conn::connect(&opts.nodes, opts.cluster, &opts.user, &opts.password).map_err(|e| {
                 StoreError::Unavailable(format!(
                     "bad Redis connection settings for {target}: {e}; check Store.Host/Store.Port/Store.User"
                 ))
-            })?;
+            })
+        };
+        let conn = open_conn()?;
+        let lanes = (0..LANES)
+            .map(|_| open_conn())
+            .collect::<Result<Vec<_>, _>>()?;
         let rt = tokio::runtime::Handle::try_current().map_err(|_| {
             StoreError::Unavailable("the Redis store must be opened inside a tokio runtime".into())
         })?;
         let inner = Arc::new(Inner {
             conn,
+            lanes,
             target,
             opts,
             layout: OnceCell::new(),
             claim_turn: AtomicUsize::new(0),
         });
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = rt.spawn(writer_loop(Arc::clone(&inner), rx));
+        let mut senders = Vec::with_capacity(LANES);
+        let mut tasks = Vec::with_capacity(LANES);
+        for lane in 0..LANES {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            tasks.push(rt.spawn(writer_loop(Arc::clone(&inner), lane, rx)));
+        }
         Ok(RedisStore {
             inner,
-            writer: Mutex::new(Some(tx)),
-            writer_task: Mutex::new(Some(task)),
+            writer: Mutex::new(Some(senders)),
+            writer_task: Mutex::new(tasks),
         })
     }
 
@@ -326,7 +351,13 @@ impl RedisStore {
     /// Queue a single-slot script for the writer and wait for its answer.
     async fn submit(&self, call: Call) -> Result<Value, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let sender = self.writer.lock().ok().and_then(|w| w.clone());
+        // the lane of the call's hash tag: one shard (or kv category), one lane
+        let lane = (fnv1a(&call.tag) % LANES as u64) as usize;
+        let sender = self
+            .writer
+            .lock()
+            .ok()
+            .and_then(|w| w.as_ref().and_then(|s| s.get(lane).cloned()));
         let Some(sender) = sender else {
             return Err(StoreError::Unavailable("the store is shutting down".into()));
         };
@@ -660,7 +691,10 @@ fn parse_pos(p: &str) -> Option<Pos> {
     Some((score.parse().ok()?, gid.to_string()))
 }
 
-async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
+async fn writer_loop(inner: Arc<Inner>, lane: usize, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let Some(conn) = inner.lanes.get(lane) else {
+        return;
+    };
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -670,7 +704,7 @@ async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
         }
         let calls: Vec<&Call> = batch.iter().map(|j| &j.call).collect();
-        let results = conn::run_batch(&inner.conn, &inner.target, &calls).await;
+        let results = conn::run_batch(conn, &inner.target, &calls).await;
         for (job, r) in batch.into_iter().zip(results) {
             let _ = job.reply.send(r);
         }
@@ -873,8 +907,12 @@ impl Store for RedisStore {
         if let Ok(mut w) = self.writer.lock() {
             w.take();
         }
-        let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
-        if let Some(t) = task {
+        let tasks = self
+            .writer_task
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in tasks {
             let _ = t.await;
         }
     }
