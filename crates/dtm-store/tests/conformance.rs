@@ -1758,6 +1758,49 @@ async fn postgres_takes_over_dtm_rows_and_saves_new_branches_in_the_row() -> R {
             (all[bs.len()].branch_id.as_str(), all[bs.len()].op.as_str()),
             ("09", "action")
         );
+        // a transaction saved without branches (tcc): its branches are rows, and their
+        // changes go to the rows only, not to a log that could change nothing
+        let tcc = gid("tcc");
+        let mut tg = global(&tcc, "prepared", t);
+        tg.trans_type = "tcc".into();
+        save(&s, tg, vec![]).await?;
+        s.write(WriteOp::AddBranches {
+            gid: tcc.clone(),
+            expect_status: "prepared".into(),
+            branches: vec![
+                branch(&tcc, "01", "confirm", t),
+                branch(&tcc, "01", "cancel", t),
+            ],
+        })
+        .await?;
+        s.write(WriteOp::UpdateGlobal {
+            gid: tcc.clone(),
+            expect_status: "prepared".into(),
+            expect_owner: None,
+            set: set_status("succeed", t),
+            branches: vec![BranchUpdate {
+                branch_id: "01".into(),
+                op: "confirm".into(),
+                status: "succeed".into(),
+                time: t,
+            }],
+        })
+        .await?;
+        let got: Vec<(String, String)> = s
+            .find_branches(&tcc)
+            .await?
+            .into_iter()
+            .map(|b| (b.op, b.status))
+            .collect();
+        let want = [("confirm", "succeed"), ("cancel", "prepared")];
+        assert_eq!(got, want.map(|(a, b)| (a.to_string(), b.to_string())));
+        let log: Option<String> = query_scalar(AssertSqlSafe(format!(
+            "SELECT branch_states FROM {}.trans_global WHERE gid = '{tcc}'",
+            o.schema
+        )))
+        .fetch_one(&mut db)
+        .await?;
+        assert_eq!(log, None);
         s.close().await;
         Ok::<(), Box<dyn std::error::Error>>(())
     }

@@ -242,14 +242,15 @@ SELECT 'i' || gid FROM ng UNION ALL SELECT 'u' || gid FROM ug";
 
 /// [`PG_GROUP`] when the tables have the branch columns ([`Exec::branch_column`]): a new
 /// global's branches are its `branches` value, not rows, and an update appends its branch
-/// changes to `branch_states`; rows (of branches added later) are updated as before.
+/// changes to `branch_states` when that list holds any branch (an empty list is 0 or 1
+/// bytes); rows (of branches added later) are updated as before.
 const PG_GROUP_COLUMN: &str = "WITH ng AS (\
 INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason, branches) \
 SELECT * FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::text[], ?::text[], ?::int8[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::bytea[]) \
 ON CONFLICT (gid) DO NOTHING RETURNING gid), \
 ug AS (\
 UPDATE trans_global g SET update_time = u.update_time, status = COALESCE(u.status, g.status), rollback_reason = COALESCE(u.rollback_reason, g.rollback_reason), result = COALESCE(u.result, g.result), custom_data = COALESCE(u.custom_data, g.custom_data), owner = COALESCE(u.owner, g.owner), finish_time = COALESCE(u.finish_time, g.finish_time), rollback_time = COALESCE(u.rollback_time, g.rollback_time), next_cron_time = COALESCE(u.next_cron_time, g.next_cron_time), next_cron_interval = COALESCE(u.next_cron_interval, g.next_cron_interval), \
-branch_states = CASE WHEN u.log IS NULL THEN g.branch_states ELSE COALESCE(g.branch_states, '') || u.log END \
+branch_states = CASE WHEN u.log IS NULL OR octet_length(COALESCE(g.branches, ''::bytea)) <= 1 THEN g.branch_states ELSE COALESCE(g.branch_states, '') || u.log END \
 FROM UNNEST(?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::int8[], ?::text[]) \
 AS u(gid, expect_status, expect_owner, update_time, status, rollback_reason, result, custom_data, owner, finish_time, rollback_time, next_cron_time, next_cron_interval, log) \
 WHERE g.gid = u.gid AND g.status COLLATE \"C\" = u.expect_status AND (u.expect_owner IS NULL OR g.owner = u.expect_owner) RETURNING g.gid), \

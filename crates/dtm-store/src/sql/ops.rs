@@ -593,7 +593,8 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
             let log = (c.branch_column() && !branches.is_empty())
                 .then(|| branch_list::state_log(branches));
             if let Some(log) = &log {
-                cols.push_str(", branch_states = COALESCE(branch_states, '') || ?");
+                // only a transaction saved with branches has any the log could change
+                cols.push_str(", branch_states = CASE WHEN octet_length(COALESCE(branches, ''::bytea)) <= 1 THEN branch_states ELSE COALESCE(branch_states, '') || ? END");
                 args.push(Val::Str(log));
             }
             let mut sql = format!("UPDATE trans_global SET {cols} WHERE gid = ? AND status = ?");
