@@ -1851,7 +1851,54 @@ async fn postgres_conformance_without_the_branch_columns() -> R {
         .fetch_one(&mut db)
         .await?;
         assert_eq!(n, 4, "every branch is a row");
-        conformance(s, Backend::Sql).await
+        conformance(s, Backend::Sql).await?;
+        // Another server that may ALTER adds the columns while this one runs: this one
+        // reads the branches that server keeps in them, and from then on writes there too.
+        let rows_only = dtm_store::SqlStore::open(&limited).await?;
+        let full = dtm_store::SqlStore::open(&o).await?;
+        let g = gid("mixed");
+        let bs = saga_branches(&g, t);
+        save(&full, global(&g, "submitted", t), bs.clone()).await?;
+        let got = rows_only.find_branches(&g).await?;
+        assert_eq!(got.len(), bs.len());
+        assert!(
+            got.iter()
+                .zip(&bs)
+                .all(|(a, b)| a.op == b.op && a.bin_data == b.bin_data)
+        );
+        rows_only
+            .write(WriteOp::UpdateGlobal {
+                gid: g.clone(),
+                expect_status: "submitted".into(),
+                expect_owner: None,
+                set: set_status("succeed", t),
+                branches: vec![BranchUpdate {
+                    branch_id: bs[1].branch_id.clone(),
+                    op: bs[1].op.clone(),
+                    status: "succeed".into(),
+                    time: t,
+                }],
+            })
+            .await?;
+        let got = full.find_branches(&g).await?;
+        assert_eq!(got[1].status, "succeed");
+        let g2 = gid("mixed");
+        save(
+            &rows_only,
+            global(&g2, "submitted", t),
+            saga_branches(&g2, t),
+        )
+        .await?;
+        let n: i64 = query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.trans_branch_op WHERE gid = '{g2}'",
+            o.schema
+        )))
+        .fetch_one(&mut db)
+        .await?;
+        assert_eq!(n, 0, "the branches of a later transaction are in its row");
+        rows_only.close().await;
+        full.close().await;
+        Ok(())
     }
     .await;
     drop_namespace(&o).await?;

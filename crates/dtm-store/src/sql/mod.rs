@@ -12,7 +12,9 @@
 //!   one row update; branches added later (tcc, xa, workflow registrations) are rows of
 //!   `trans_branch_op`, and so is everything dtm wrote. A transaction's branches are its
 //!   row's list, then its rows in insertion order. If the columns cannot be added (a user
-//!   who may not ALTER the tables), every branch is a row, as on MySQL.
+//!   who may not ALTER the tables), every branch is a row, as on MySQL; reads still find
+//!   a saved list (a query that works with or without the columns), and the first one
+//!   found means another server added them: from then on this one writes them too.
 //! - **Group commit**: a writer task takes every write waiting in its queue (up to
 //!   [`MAX_BATCH`]) and applies them in one database transaction, committed once; then
 //!   each waiter gets its own result. Two writers run side by side on their own
@@ -598,9 +600,17 @@ impl Store for SqlStore {
     async fn find_branches(&self, gid: &str) -> Result<Vec<Branch>, StoreError> {
         let what = "read branches";
         let mut c = self.conn(what).await?;
-        ops::find_branches(&mut *c, gid)
+        let (branches, found_unknown) = ops::find_branches(&mut *c, gid)
             .await
-            .map_err(|e| self.fail(what, e))
+            .map_err(|e| self.fail(what, e))?;
+        if found_unknown {
+            tracing::info!(
+                "{}: another server added trans_global.branches after this one started; saving new transactions' branches there from now on",
+                self.desc
+            );
+            self.engine.set_branch_column(true);
+        }
+        Ok(branches)
     }
 
     async fn scan_globals(&self, q: &ScanQuery) -> Result<(Vec<TransGlobal>, String), StoreError> {

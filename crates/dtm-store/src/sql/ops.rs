@@ -800,17 +800,26 @@ pub(crate) async fn find_global(
 
 /// A transaction's branches: those it was saved with (in `trans_global.branches`, with
 /// the changes of `branch_states` applied), then its rows of trans_branch_op in insertion
-/// order.
-pub(crate) async fn find_branches(c: &mut dyn Exec, gid: &str) -> Result<Vec<Branch>, DbError> {
+/// order. The flag is true when a saved list was found by a connection that did not know
+/// the columns were there (another server added them after this one started): from then
+/// on this server must write them too.
+pub(crate) async fn find_branches(
+    c: &mut dyn Exec,
+    gid: &str,
+) -> Result<(Vec<Branch>, bool), DbError> {
     let mut out = Vec::new();
-    if c.branch_column()
-        && let Some((list, log)) = c
-            .branch_list(
-                "SELECT branches, branch_states FROM trans_global WHERE gid = ?",
-                &[Val::Str(gid)],
-            )
-            .await?
+    let mut found_unknown = false;
+    // Without the columns known, a query that works whether or not they exist: a row as
+    // JSON has them when the table does (bytea as `\x` and hex).
+    let sql = if c.branch_column() {
+        "SELECT branches, branch_states FROM trans_global WHERE gid = ?"
+    } else {
+        "SELECT decode(substr(to_jsonb(g) ->> 'branches', 3), 'hex'), to_jsonb(g) ->> 'branch_states' FROM trans_global g WHERE gid = ?"
+    };
+    if c.dialect() == Dialect::Postgres
+        && let Some((list, log)) = c.branch_list(sql, &[Val::Str(gid)]).await?
     {
+        found_unknown = !c.branch_column() && list.as_ref().is_some_and(|l| l.len() > 1);
         out = branch_list::decode(list.as_deref()).map_err(|e| damaged(gid, e))?;
         if let Some(log) = log {
             branch_list::apply_state_log(&mut out, &log).map_err(|e| damaged(gid, e))?;
@@ -821,7 +830,7 @@ pub(crate) async fn find_branches(c: &mut dyn Exec, gid: &str) -> Result<Vec<Bra
     }
     let sql = format!("SELECT {BRANCH_COLS} FROM trans_branch_op WHERE gid = ? ORDER BY id");
     out.extend(c.branches(&sql, &[Val::Str(gid)]).await?);
-    Ok(out)
+    Ok((out, found_unknown))
 }
 
 /// The error for a branch list that cannot be read.
