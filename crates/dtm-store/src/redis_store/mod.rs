@@ -204,8 +204,6 @@ struct Job {
 
 struct Inner {
     conn: Conn,
-    /// The writer lanes' own connections.
-    lanes: Vec<Conn>,
     target: String,
     opts: RedisOptions,
     layout: OnceCell<Layout>,
@@ -278,7 +276,6 @@ impl RedisStore {
         })?;
         let inner = Arc::new(Inner {
             conn,
-            lanes,
             target,
             opts,
             layout: OnceCell::new(),
@@ -286,7 +283,7 @@ impl RedisStore {
         });
         let mut senders = Vec::with_capacity(LANES);
         let mut tasks = Vec::with_capacity(LANES);
-        for lane in 0..LANES {
+        for lane in lanes {
             let (tx, rx) = mpsc::unbounded_channel();
             senders.push(tx);
             tasks.push(rt.spawn(writer_loop(Arc::clone(&inner), lane, rx)));
@@ -691,10 +688,8 @@ fn parse_pos(p: &str) -> Option<Pos> {
     Some((score.parse().ok()?, gid.to_string()))
 }
 
-async fn writer_loop(inner: Arc<Inner>, lane: usize, mut rx: mpsc::UnboundedReceiver<Job>) {
-    let Some(conn) = inner.lanes.get(lane) else {
-        return;
-    };
+/// One writer lane: batches of the jobs queued for it, on its own connection `conn`.
+async fn writer_loop(inner: Arc<Inner>, conn: Conn, mut rx: mpsc::UnboundedReceiver<Job>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -704,7 +699,7 @@ async fn writer_loop(inner: Arc<Inner>, lane: usize, mut rx: mpsc::UnboundedRece
             }
         }
         let calls: Vec<&Call> = batch.iter().map(|j| &j.call).collect();
-        let results = conn::run_batch(conn, &inner.target, &calls).await;
+        let results = conn::run_batch(&conn, &inner.target, &calls).await;
         for (job, r) in batch.into_iter().zip(results) {
             let _ = job.reply.send(r);
         }

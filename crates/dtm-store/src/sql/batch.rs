@@ -36,7 +36,7 @@ use dtm_core::store::{BranchUpdate, GlobalUpdate, WriteOp, WriteOutcome};
 use dtm_proto::{Branch, TransGlobal};
 
 use super::exec::{DbError, Dialect, Exec, Val, opt_time, time};
-use super::ops::{self, OpError};
+use super::ops::{self, OpError, global_cols};
 use crate::branch_list;
 
 /// Most ops per MySQL statement (the `CASE` lists are scanned for every row changed).
@@ -209,6 +209,48 @@ fn last_wins(ups: &[BranchUpdate]) -> Vec<&BranchUpdate> {
 
 // ---------------------------------------------------------------------------- Postgres
 
+/// `ng`: the new globals, from one array per column ([`ops::global_cols`]), plus the
+/// columns `$cols` from the arrays `$arrays`.
+macro_rules! pg_new_globals {
+    ($cols:literal, $arrays:literal) => {
+        concat!(
+            "WITH ng AS (INSERT INTO trans_global (",
+            global_cols!(),
+            $cols,
+            ") SELECT * FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::text[], ?::text[], ?::int8[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[]",
+            $arrays,
+            ") ON CONFLICT (gid) DO NOTHING RETURNING gid), "
+        )
+    };
+}
+
+/// `ug`: the guarded updates, setting `$set` too, from `$arrays` more arrays named
+/// `$names`.
+macro_rules! pg_update_globals {
+    ($set:literal, $arrays:literal, $names:literal) => {
+        concat!(
+            "ug AS (UPDATE trans_global g SET update_time = u.update_time, status = COALESCE(u.status, g.status), rollback_reason = COALESCE(u.rollback_reason, g.rollback_reason), result = COALESCE(u.result, g.result), custom_data = COALESCE(u.custom_data, g.custom_data), owner = COALESCE(u.owner, g.owner), finish_time = COALESCE(u.finish_time, g.finish_time), rollback_time = COALESCE(u.rollback_time, g.rollback_time), next_cron_time = COALESCE(u.next_cron_time, g.next_cron_time), next_cron_interval = COALESCE(u.next_cron_interval, g.next_cron_interval)",
+            $set,
+            " FROM UNNEST(?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::int8[]",
+            $arrays,
+            ") AS u(gid, expect_status, expect_owner, update_time, status, rollback_reason, result, custom_data, owner, finish_time, rollback_time, next_cron_time, next_cron_interval",
+            $names,
+            ") WHERE g.gid = u.gid AND g.status COLLATE \"C\" = u.expect_status AND (u.expect_owner IS NULL OR g.owner = u.expect_owner) RETURNING g.gid), "
+        )
+    };
+}
+
+/// `ub`: the branch rows of the updated globals; then which globals were inserted or
+/// updated.
+macro_rules! pg_branch_rows_and_result {
+    () => {
+        "ub AS (UPDATE trans_branch_op b SET status = u.status, finish_time = u.t, update_time = u.t \
+FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[]) AS u(gid, branch_id, op, status, t) \
+WHERE b.gid = u.gid AND b.branch_id = u.branch_id AND b.op = u.op AND u.gid IN (SELECT gid FROM ug)) \
+SELECT 'i' || gid FROM ng UNION ALL SELECT 'u' || gid FROM ug"
+    };
+}
+
 /// The whole group in one statement (one round trip): data-modifying CTEs insert the new
 /// globals (`ng`, `ON CONFLICT (gid) DO NOTHING` tells which were new), the branches of
 /// those only (`nb`, in the order given), apply the guarded global updates (`ug`, the
@@ -219,46 +261,31 @@ fn last_wins(ups: &[BranchUpdate]) -> Vec<&BranchUpdate> {
 /// `COLLATE "C"` (the same equality: collations here are deterministic) keeps the
 /// planner off the (status, next_cron_time) index, which a plan made on an empty table
 /// may otherwise pick over the unique gid index.
-const PG_GROUP: &str = "WITH ng AS (\
-INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) \
-SELECT * FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::text[], ?::text[], ?::int8[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[]) \
-ON CONFLICT (gid) DO NOTHING RETURNING gid), \
-nb AS (\
+const PG_GROUP: &str = concat!(
+    pg_new_globals!("", ""),
+    "nb AS (\
 INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time) \
 SELECT b.gid, b.url, b.bin_data, b.branch_id, b.op, b.status, b.finish_time, b.rollback_time, b.create_time, b.update_time \
 FROM UNNEST(?::text[], ?::text[], ?::bytea[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[]) WITH ORDINALITY \
 AS b(gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time, n) \
-WHERE b.gid IN (SELECT gid FROM ng) ORDER BY b.n), \
-ug AS (\
-UPDATE trans_global g SET update_time = u.update_time, status = COALESCE(u.status, g.status), rollback_reason = COALESCE(u.rollback_reason, g.rollback_reason), result = COALESCE(u.result, g.result), custom_data = COALESCE(u.custom_data, g.custom_data), owner = COALESCE(u.owner, g.owner), finish_time = COALESCE(u.finish_time, g.finish_time), rollback_time = COALESCE(u.rollback_time, g.rollback_time), next_cron_time = COALESCE(u.next_cron_time, g.next_cron_time), next_cron_interval = COALESCE(u.next_cron_interval, g.next_cron_interval) \
-FROM UNNEST(?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::int8[]) \
-AS u(gid, expect_status, expect_owner, update_time, status, rollback_reason, result, custom_data, owner, finish_time, rollback_time, next_cron_time, next_cron_interval) \
-WHERE g.gid = u.gid AND g.status COLLATE \"C\" = u.expect_status AND (u.expect_owner IS NULL OR g.owner = u.expect_owner) RETURNING g.gid), \
-ub AS (\
-UPDATE trans_branch_op b SET status = u.status, finish_time = u.t, update_time = u.t \
-FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[]) AS u(gid, branch_id, op, status, t) \
-WHERE b.gid = u.gid AND b.branch_id = u.branch_id AND b.op = u.op AND u.gid IN (SELECT gid FROM ug)) \
-SELECT 'i' || gid FROM ng UNION ALL SELECT 'u' || gid FROM ug";
+WHERE b.gid IN (SELECT gid FROM ng) ORDER BY b.n), ",
+    pg_update_globals!("", "", ""),
+    pg_branch_rows_and_result!(),
+);
 
 /// [`PG_GROUP`] when the tables have the branch columns ([`Exec::branch_column`]): a new
 /// global's branches are its `branches` value, not rows, and an update appends its branch
-/// changes to `branch_states` when that list holds any branch (an empty list is 0 or 1
-/// bytes); rows (of branches added later) are updated as before.
-const PG_GROUP_COLUMN: &str = "WITH ng AS (\
-INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason, branches) \
-SELECT * FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::text[], ?::text[], ?::int8[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::bytea[]) \
-ON CONFLICT (gid) DO NOTHING RETURNING gid), \
-ug AS (\
-UPDATE trans_global g SET update_time = u.update_time, status = COALESCE(u.status, g.status), rollback_reason = COALESCE(u.rollback_reason, g.rollback_reason), result = COALESCE(u.result, g.result), custom_data = COALESCE(u.custom_data, g.custom_data), owner = COALESCE(u.owner, g.owner), finish_time = COALESCE(u.finish_time, g.finish_time), rollback_time = COALESCE(u.rollback_time, g.rollback_time), next_cron_time = COALESCE(u.next_cron_time, g.next_cron_time), next_cron_interval = COALESCE(u.next_cron_interval, g.next_cron_interval), \
-branch_states = CASE WHEN u.log IS NULL OR octet_length(COALESCE(g.branches, ''::bytea)) <= 1 THEN g.branch_states ELSE COALESCE(g.branch_states, '') || u.log END \
-FROM UNNEST(?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::int8[], ?::text[]) \
-AS u(gid, expect_status, expect_owner, update_time, status, rollback_reason, result, custom_data, owner, finish_time, rollback_time, next_cron_time, next_cron_interval, log) \
-WHERE g.gid = u.gid AND g.status COLLATE \"C\" = u.expect_status AND (u.expect_owner IS NULL OR g.owner = u.expect_owner) RETURNING g.gid), \
-ub AS (\
-UPDATE trans_branch_op b SET status = u.status, finish_time = u.t, update_time = u.t \
-FROM UNNEST(?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[]) AS u(gid, branch_id, op, status, t) \
-WHERE b.gid = u.gid AND b.branch_id = u.branch_id AND b.op = u.op AND u.gid IN (SELECT gid FROM ug)) \
-SELECT 'i' || gid FROM ng UNION ALL SELECT 'u' || gid FROM ug";
+/// changes to `branch_states` when that list holds any branch (is longer than its version
+/// byte); rows (of branches added later) are updated as before.
+const PG_GROUP_COLUMN: &str = concat!(
+    pg_new_globals!(", branches", ", ?::bytea[]"),
+    pg_update_globals!(
+        ", branch_states = CASE WHEN u.log IS NULL OR octet_length(COALESCE(g.branches, ''::bytea)) <= 1 THEN g.branch_states ELSE COALESCE(g.branch_states, '') || u.log END",
+        ", ?::text[]",
+        ", log"
+    ),
+    pg_branch_rows_and_result!(),
+);
 
 /// The `SaveNew`s and `UpdateGlobal`s of a group with [`PG_GROUP`] (or
 /// [`PG_GROUP_COLUMN`]).
@@ -337,13 +364,7 @@ async fn pg_group(
     let g_lists: Vec<Vec<u8>> = saves
         .iter()
         .filter(|_| column)
-        .map(|s| {
-            if s.branches.is_empty() {
-                Vec::new()
-            } else {
-                branch_list::encode(s.branches)
-            }
-        })
+        .map(|s| branch_list::encode(s.branches))
         .collect();
     let g_branches: Vec<&[u8]> = g_lists.iter().map(Vec::as_slice).collect();
     let bs: Vec<&Branch> = saves

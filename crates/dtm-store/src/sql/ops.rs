@@ -362,10 +362,24 @@ impl From<DbError> for OpError {
 const INSERT_CHUNK: usize = 500;
 
 /// The head of an INSERT of trans_global rows, and one row's placeholders.
-pub(crate) const GLOBAL_INSERT: &str = "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason) VALUES";
+/// The columns of a new trans_global row, in [`global_values`] order (a macro, so that
+/// statement texts can be `concat!`ed from it).
+macro_rules! global_cols {
+    () => {
+        "gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason"
+    };
+}
+pub(crate) use global_cols;
+
+pub(crate) const GLOBAL_INSERT: &str =
+    concat!("INSERT INTO trans_global (", global_cols!(), ") VALUES");
 pub(crate) const GLOBAL_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 /// A trans_global row with its branch list (Postgres, [`Exec::branch_column`]).
-const GLOBAL_INSERT_WITH_BRANCHES: &str = "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason, branches) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gid) DO NOTHING";
+const GLOBAL_INSERT_WITH_BRANCHES: &str = concat!(
+    "INSERT INTO trans_global (",
+    global_cols!(),
+    ", branches) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gid) DO NOTHING"
+);
 
 /// The arguments of one trans_global row, in `GLOBAL_INSERT`'s column order.
 pub(crate) fn global_values(g: &TransGlobal) -> [Val<'_>; 17] {
@@ -498,11 +512,7 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
             branches,
         } => {
             if c.branch_column() {
-                let list = if branches.is_empty() {
-                    Vec::new()
-                } else {
-                    branch_list::encode(branches)
-                };
+                let list = branch_list::encode(branches);
                 let mut args = global_values(g).to_vec();
                 args.push(Val::Bytes(&list));
                 let n = c.exec(GLOBAL_INSERT_WITH_BRANCHES, &args).await?;
