@@ -1620,6 +1620,29 @@ async fn pg_admin(o: &SqlOptions) -> Result<sqlx_postgres::PgConnection, sqlx_co
     sqlx_postgres::PgConnection::connect_with(&opts).await
 }
 
+/// How many trans_branch_op rows `gid` has in `schema`.
+async fn branch_rows(
+    db: &mut sqlx_postgres::PgConnection,
+    schema: &str,
+    gid: &str,
+) -> Result<i64, sqlx_core::Error> {
+    sqlx_core::query_scalar::query_scalar(sqlx_core::sql_str::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {schema}.trans_branch_op WHERE gid = '{gid}'"
+    )))
+    .fetch_one(db)
+    .await
+}
+
+/// A change of the branch (id, op) to `status` at `t`.
+fn branch_update(id: &str, op: &str, status: &str, t: DateTime<Utc>) -> BranchUpdate {
+    BranchUpdate {
+        branch_id: id.into(),
+        op: op.into(),
+        status: status.into(),
+        time: t,
+    }
+}
+
 /// Postgres keeps a new transaction's branches in `trans_global.branches`, their changes
 /// in `branch_states` (columns its migration adds); a database written by dtm, with its
 /// branches as rows of trans_branch_op, is upgraded in place and read as it was.
@@ -1646,12 +1669,6 @@ async fn postgres_takes_over_dtm_rows_and_saves_new_branches_in_the_row() -> R {
         s = o.schema
     );
     db.execute(AssertSqlSafe(ddl)).await?;
-    let rows_of = |gid: &str| {
-        AssertSqlSafe(format!(
-            "SELECT count(*) FROM {}.trans_branch_op WHERE gid = '{gid}'",
-            o.schema
-        ))
-    };
     let r = async {
         let s = dtm_store::SqlStore::open(&o).await?;
         let t = now();
@@ -1673,12 +1690,7 @@ async fn postgres_takes_over_dtm_rows_and_saves_new_branches_in_the_row() -> R {
             expect_status: "submitted".into(),
             expect_owner: None,
             set: set_status("succeed", t),
-            branches: vec![BranchUpdate {
-                branch_id: "01".into(),
-                op: "action".into(),
-                status: "succeed".into(),
-                time: t,
-            }],
+            branches: vec![branch_update("01", "action", "succeed", t)],
         })
         .await?;
         let old = s.find_branches("old-saga").await?;
@@ -1691,7 +1703,7 @@ async fn postgres_takes_over_dtm_rows_and_saves_new_branches_in_the_row() -> R {
         let g = gid("col");
         let bs = saga_branches(&g, t);
         save(&s, global(&g, "submitted", t), bs.clone()).await?;
-        let n: i64 = query_scalar(rows_of(&g)).fetch_one(&mut db).await?;
+        let n = branch_rows(&mut db, &o.schema, &g).await?;
         assert_eq!(n, 0, "no branch rows for a new transaction");
         let stored = s.find_branches(&g).await?;
         let strip = |v: &[Branch]| -> Vec<Branch> {
@@ -1712,19 +1724,9 @@ async fn postgres_takes_over_dtm_rows_and_saves_new_branches_in_the_row() -> R {
                     ..Default::default()
                 },
                 branches: vec![
-                    BranchUpdate {
-                        branch_id: bs[1].branch_id.clone(),
-                        op: bs[1].op.clone(),
-                        status: status.into(),
-                        time: at,
-                    },
+                    branch_update(&bs[1].branch_id, &bs[1].op, status, at),
                     // no such branch: changes nothing, as an UPDATE that matches no row
-                    BranchUpdate {
-                        branch_id: "99".into(),
-                        op: "action".into(),
-                        status: status.into(),
-                        time: at,
-                    },
+                    branch_update("99", "action", status, at),
                 ],
             })
             .await?;
@@ -1750,7 +1752,7 @@ async fn postgres_takes_over_dtm_rows_and_saves_new_branches_in_the_row() -> R {
             branches: vec![branch(&g, "09", "action", t)],
         })
         .await?;
-        let n: i64 = query_scalar(rows_of(&g)).fetch_one(&mut db).await?;
+        let n = branch_rows(&mut db, &o.schema, &g).await?;
         assert_eq!(n, 1);
         let all = s.find_branches(&g).await?;
         assert_eq!(all.len(), bs.len() + 1);
@@ -1778,12 +1780,7 @@ async fn postgres_takes_over_dtm_rows_and_saves_new_branches_in_the_row() -> R {
             expect_status: "prepared".into(),
             expect_owner: None,
             set: set_status("succeed", t),
-            branches: vec![BranchUpdate {
-                branch_id: "01".into(),
-                op: "confirm".into(),
-                status: "succeed".into(),
-                time: t,
-            }],
+            branches: vec![branch_update("01", "confirm", "succeed", t)],
         })
         .await?;
         let got: Vec<(String, String)> = s
@@ -1844,12 +1841,7 @@ async fn postgres_conformance_without_the_branch_columns() -> R {
         let g = gid("rows");
         let t = now();
         save(&*s, global(&g, "submitted", t), saga_branches(&g, t)).await?;
-        let n: i64 = query_scalar(AssertSqlSafe(format!(
-            "SELECT count(*) FROM {}.trans_branch_op WHERE gid = '{g}'",
-            o.schema
-        )))
-        .fetch_one(&mut db)
-        .await?;
+        let n = branch_rows(&mut db, &o.schema, &g).await?;
         assert_eq!(n, 4, "every branch is a row");
         conformance(s, Backend::Sql).await?;
         // Another server that may ALTER adds the columns while this one runs: this one
@@ -1872,12 +1864,7 @@ async fn postgres_conformance_without_the_branch_columns() -> R {
                 expect_status: "submitted".into(),
                 expect_owner: None,
                 set: set_status("succeed", t),
-                branches: vec![BranchUpdate {
-                    branch_id: bs[1].branch_id.clone(),
-                    op: bs[1].op.clone(),
-                    status: "succeed".into(),
-                    time: t,
-                }],
+                branches: vec![branch_update(&bs[1].branch_id, &bs[1].op, "succeed", t)],
             })
             .await?;
         let got = full.find_branches(&g).await?;
@@ -1889,12 +1876,7 @@ async fn postgres_conformance_without_the_branch_columns() -> R {
             saga_branches(&g2, t),
         )
         .await?;
-        let n: i64 = query_scalar(AssertSqlSafe(format!(
-            "SELECT count(*) FROM {}.trans_branch_op WHERE gid = '{g2}'",
-            o.schema
-        )))
-        .fetch_one(&mut db)
-        .await?;
+        let n = branch_rows(&mut db, &o.schema, &g2).await?;
         assert_eq!(n, 0, "the branches of a later transaction are in its row");
         rows_only.close().await;
         full.close().await;
