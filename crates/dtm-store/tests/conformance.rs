@@ -1812,7 +1812,6 @@ async fn postgres_takes_over_dtm_rows_and_saves_new_branches_in_the_row() -> R {
 #[tokio::test]
 async fn postgres_conformance_without_the_branch_columns() -> R {
     use sqlx_core::executor::Executor;
-    use sqlx_core::query_scalar::query_scalar;
     use sqlx_core::sql_str::AssertSqlSafe;
     let Some(o) = sql_options(Dialect::Postgres, "postgres") else {
         return Ok(());
