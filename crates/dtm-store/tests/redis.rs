@@ -167,6 +167,22 @@ async fn ttl_of(hosts: &str, pattern: &str) -> Vec<i64> {
     out
 }
 
+/// How many `all` index entries of the prefix name `gid`.
+async fn index_entries(hosts: &str, prefix: &str, gid: &str) -> usize {
+    let mut n = 0;
+    for (mut c, k) in keys_like(hosts, &format!("{prefix}*all")).await {
+        let found: Vec<String> = redis::cmd("ZRANGE")
+            .arg(k)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        n += found.iter().filter(|m| *m == gid).count();
+    }
+    n
+}
+
 /// Unfinished transactions never expire; finished ones expire after FinishedDataExpire,
 /// and then leave `GET /all` as well.
 async fn retention(hosts: String) {
@@ -207,7 +223,7 @@ async fn retention(hosts: String) {
             .unwrap_or_else(|e| panic!("{e}"))
             .is_some()
     );
-    // later writes in a shard drop index entries of expired transactions
+    // more transactions in the shards; until the sweep, the expired one is skipped
     for i in 0..64 {
         let gid = format!("later-{i}");
         s.write(WriteOp::SaveNew {
@@ -217,6 +233,7 @@ async fn retention(hosts: String) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     }
+    assert_eq!(index_entries(&hosts, &prefix, "done").await, 1);
     let mut pos = String::new();
     let mut seen = Vec::new();
     loop {
@@ -234,26 +251,95 @@ async fn retention(hosts: String) {
     }
     assert_eq!(seen.len(), 65, "expired transactions are not listed");
     assert!(!seen.contains(&"done".to_string()));
-    let members: usize = {
-        let mut n = 0;
-        for (mut c, k) in keys_like(&hosts, &format!("{prefix}*all")).await {
-            let found: Vec<String> = redis::cmd("ZRANGE")
-                .arg(k)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut c)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            n += found.iter().filter(|m| *m == "done").count();
+    // the retention sweep drops the index entry of the expired transaction only; with a
+    // budget of one entry per shard it still gets past the live ones, sweep by sweep
+    let bound = Utc::now();
+    let mut dropped = 0;
+    for _ in 0..200 {
+        dropped += s
+            .purge_finished(bound, 1)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if dropped > 0 {
+            break;
         }
-        n
-    };
+    }
+    assert_eq!(dropped, 1);
     assert_eq!(
-        members, 0,
+        s.purge_finished(bound, 500)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        0,
+        "a second sweep finds nothing more"
+    );
+    assert_eq!(
+        index_entries(&hosts, &prefix, "done").await,
+        0,
         "the index entry of the expired transaction was dropped"
+    );
+    assert_eq!(index_entries(&hosts, &prefix, "keep").await, 1);
+    assert_eq!(
+        keys_like(&hosts, &format!("{prefix}*:done")).await.len(),
+        0,
+        "no key of the expired transaction is left"
     );
     s.close().await;
     purge(hosts, prefix).await;
+}
+
+/// A transaction whose global key vanished (evicted, deleted by hand) while its branch
+/// keys stayed: saving the gid again starts from no branches, not from the leftovers.
+async fn gid_saved_again_over_leftovers(hosts: String) {
+    let prefix = unique_prefix("left");
+    let s = RedisStore::open(options(&hosts, &prefix)).unwrap_or_else(|e| panic!("{e}"));
+    s.write(WriteOp::SaveNew {
+        global: global("g1", "submitted", Some(Utc::now())),
+        branches: vec![branch("g1")],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let globals = keys_like(&hosts, &format!("{prefix}*g:g1")).await;
+    assert_eq!(globals.len(), 1);
+    for (mut c, k) in globals {
+        let _: i64 = redis::cmd("DEL")
+            .arg(k)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(keys_like(&hosts, &format!("{prefix}*:g1")).await.len(), 2);
+    let mut again = branch("g1");
+    again.branch_id = "02".into();
+    s.write(WriteOp::SaveNew {
+        global: global("g1", "submitted", Some(Utc::now())),
+        branches: vec![again],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ids: Vec<String> = s
+        .find_branches("g1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|b| b.branch_id)
+        .collect();
+    assert_eq!(ids, vec!["02".to_string()]);
+    s.close().await;
+    purge(hosts, prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_gid_saved_again_over_leftovers() {
+    if let Some(h) = single_addr() {
+        gid_saved_again_over_leftovers(h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_gid_saved_again_over_leftovers() {
+    if let Some(h) = cluster_addrs() {
+        gid_saved_again_over_leftovers(h).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,8 @@ pub(crate) static CLAIM_DUE: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(&[COMMON, include_str!("lua/claim_due.lua")]));
 pub(crate) static RESET_CRON: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(&[COMMON, include_str!("lua/reset_cron.lua")]));
+pub(crate) static SWEEP: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(&[COMMON, include_str!("lua/sweep.lua")]));
 pub(crate) static SCAN: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(&[COMMON, include_str!("lua/scan.lua")]));
 pub(crate) static KV: LazyLock<Lua> =

@@ -16,7 +16,7 @@
 //! | `P{s<k>}s:<gid>` | hash | `["<branch_id>","<op>"]` -> `status\|update_ms\|finish_ms` |
 //! | `P{s<k>}due` | zset | unfinished gids, score = `next_cron_time` ms (recovery) |
 //! | `P{s<k>}all` | zset | every gid, score = `create_time` ms (`GET /all`) |
-//! | `P{s<k>}exp` | zset | finished gids, score = when their keys expire (index cleanup) |
+//! | `P{s<k>}sweep` | string | where the next retention sweep of the shard starts (a score) |
 //! | `P{s<k>}seq` | string | id counter of the shard (global id = counter * 1024 + k) |
 //! | `P{kv:<cat>}h` | hash | key -> `id\|version\|create_ms\|update_ms\|value` |
 //! | `P{kv:<cat>}ids` | zset | key, score = id (paging) |
@@ -46,8 +46,14 @@
 //!
 //! Unfinished transactions never expire. When a transaction finishes, it leaves the due
 //! index and its three keys expire `Store.FinishedDataExpire` seconds after its finishing
-//! update (`update_time`; 0 keeps them forever), by Redis's own key expiry; their `all`
-//! entry is dropped by later writes in the shard once that time has passed.
+//! update (`update_time`; 0 keeps them forever), by Redis's own key expiry. Their `all`
+//! entries are dropped by the retention sweep ([`Store::purge_finished`], which the
+//! server's retention task calls now and then): shard by shard, from where the last sweep
+//! stopped, it examines entries created before the retention bound and drops those whose
+//! global key is gone, with any branch keys left. Until then `GET /all` skips them. The
+//! writes of a transaction do no index upkeep of their own, so a saga costs two scripts of
+//! a few commands each. (Earlier versions kept an `exp` zset for this; the sweep deletes
+//! it.)
 
 mod admin;
 mod codec;
@@ -178,7 +184,7 @@ impl Layout {
         format!("{}{gid}", self.global_prefix(self.shard(gid)))
     }
 
-    /// Global, branch list, branch states, due, all, expiring; and the tag.
+    /// Global, branch list, branch states, due, all; and the tag.
     fn txn_keys(&self, gid: &str) -> (Vec<String>, String) {
         let tag = self.tag(self.shard(gid));
         let keys = vec![
@@ -187,7 +193,6 @@ impl Layout {
             format!("{tag}s:{gid}"),
             format!("{tag}due"),
             format!("{tag}all"),
-            format!("{tag}exp"),
         ];
         (keys, tag)
     }
@@ -842,6 +847,31 @@ impl Store for RedisStore {
             String::new()
         };
         Ok((rows, next))
+    }
+
+    /// Drop index entries of expired transactions (see the module doc, "Retention"): up
+    /// to `limit` entries examined per shard; returns how many were dropped.
+    async fn purge_finished(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let l = self.layout().await?;
+        let mut dropped = 0usize;
+        for shard in 0..l.shards {
+            let tag = l.tag(shard);
+            let v = self
+                .run(&Call {
+                    lua: &conn::SWEEP,
+                    keys: vec![format!("{tag}all"), format!("{tag}sweep")],
+                    args: vec![tag.clone(), ms(&before), limit.max(1).to_string()],
+                    tag,
+                })
+                .await?;
+            let n: i64 = decode(v, "the retention sweep")?;
+            dropped += usize::try_from(n).unwrap_or(0);
+        }
+        Ok(dropped)
     }
 
     async fn find_kv(&self, cat: &str, k: Option<&str>) -> Result<Vec<Kv>, StoreError> {

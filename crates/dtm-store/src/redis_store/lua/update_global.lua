@@ -7,23 +7,36 @@ local owner = arg()
 local new_status = arg()
 local next_ms = arg()
 local expire_at = arg()
-local status = redis.call('HGET', KEYS[1], 'status')
+local cur = redis.call('HMGET', KEYS[1], 'status', 'owner')
+local status = cur[1]
 if not status or status ~= expect then
   return 'NOT_FOUND'
 end
-if check_owner == '1' and (redis.call('HGET', KEYS[1], 'owner') or '') ~= owner then
+if check_owner == '1' and (cur[2] or '') ~= owner then
   return 'NOT_FOUND'
 end
 local fields = read_fields()
 if #fields > 0 then
   bulk('HSET', KEYS[1], fields)
 end
-for _ = 1, tonumber(arg()) do
-  local key = arg()
-  local state = arg()
+local n = tonumber(arg())
+if n > 0 then
+  local keys, states = {}, {}
+  for i = 1, n do
+    keys[i] = arg()
+    states[i] = arg()
+  end
   -- like an SQL UPDATE: a branch that does not exist is not created
-  if redis.call('HEXISTS', KEYS[3], key) == 1 then
-    redis.call('HSET', KEYS[3], key, state)
+  local have = hmget(KEYS[3], keys)
+  local set = {}
+  for i = 1, n do
+    if have[i] then
+      set[#set + 1] = keys[i]
+      set[#set + 1] = states[i]
+    end
+  end
+  if #set > 0 then
+    bulk('HSET', KEYS[3], set)
   end
 end
 if new_status == '' then
