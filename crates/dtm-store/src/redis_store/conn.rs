@@ -217,9 +217,10 @@ pub(crate) async fn run(conn: &Conn, target: &str, call: &Call) -> Result<Value,
     }
 }
 
-/// Run many script calls with one round trip per hash slot: the calls are grouped by tag,
-/// each group is one pipeline (a cluster routes a pipeline to one slot), and the groups run
-/// concurrently. Each script is atomic on its own; results come back in call order.
+/// Run many script calls in one round trip: on a single node as one pipeline; on a
+/// cluster as one pipeline per hash slot (the calls grouped by tag; a cluster routes a
+/// pipeline to one slot), the groups run concurrently. Each script is atomic on its own;
+/// results come back in call order.
 ///
 /// Calls on the same first key (one transaction's global, one kv entry) keep their order:
 /// such a call starts a new pipeline that is sent only after the one before it has
@@ -289,9 +290,12 @@ pub(crate) async fn run_batch(
     target: &str,
     calls: &[&Call],
 ) -> Vec<Result<Value, StoreError>> {
+    // A cluster takes a pipeline to one slot; a single node takes the batch as one.
+    let cluster = matches!(conn, Conn::Cluster(_));
     let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, c) in calls.iter().enumerate() {
-        groups.entry(c.tag.as_str()).or_default().push(i);
+        let group = if cluster { c.tag.as_str() } else { "" };
+        groups.entry(group).or_default().push(i);
     }
     let runs = groups.into_values().map(|idx| async move {
         let mut out = Vec::with_capacity(idx.len());

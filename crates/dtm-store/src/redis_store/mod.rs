@@ -32,8 +32,8 @@
 //!
 //! Every change is one Lua script, atomic on its own (status / owner guards, branch
 //! changes and index upkeep together). Writes of many requests are gathered by writer
-//! tasks into batches: a batch is sent as one pipeline of EVALSHA calls per slot, the
-//! pipelines of a batch run concurrently, then each waiter gets its own result (group
+//! tasks into batches: a batch is sent as one pipeline of EVALSHA calls (on a cluster,
+//! one per slot, run concurrently), then each waiter gets its own result (group
 //! commit). There are [`LANES`] writer tasks, each on a connection of its own with one
 //! batch in flight; a shard's writes always go to the same one, so one transaction's
 //! writes keep their order. Several connections matter to Redis itself: it reads a
