@@ -127,25 +127,45 @@ pub(crate) fn decode_global(mut m: HashMap<String, String>) -> Option<TransGloba
     Some(g)
 }
 
-/// The immutable part of a branch, stored as JSON in the branch list.
-#[derive(Serialize, Deserialize)]
+/// The immutable part of a branch, stored as JSON in the branch list (as read).
+#[derive(Deserialize)]
 struct BranchRecord {
     branch_id: String,
     op: String,
     url: String,
     /// base64
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(default)]
     bin: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     create: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    rollback: Option<i64>,
+}
+
+/// [`BranchRecord`] as written, borrowing from the branch.
+#[derive(Serialize)]
+struct BranchRecordRef<'a> {
+    branch_id: &'a str,
+    op: &'a str,
+    url: &'a str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    bin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    create: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     rollback: Option<i64>,
 }
 
 /// The state-hash field of a (branch_id, op).
 pub(crate) fn branch_key(branch_id: &str, op: &str) -> String {
-    let s = |v: &str| serde_json::Value::from(v).to_string();
-    format!("[{},{}]", s(branch_id), s(op))
+    let mut k = Vec::with_capacity(branch_id.len() + op.len() + 7);
+    k.push(b'[');
+    // writing a str into a Vec cannot fail
+    let _ = serde_json::to_writer(&mut k, branch_id);
+    k.push(b',');
+    let _ = serde_json::to_writer(&mut k, op);
+    k.push(b']');
+    String::from_utf8(k).unwrap_or_default()
 }
 
 /// The state-hash value: `status|update_ms|finish_ms` (empty when unset).
@@ -160,10 +180,10 @@ pub(crate) fn branch_state(
 
 /// (key, record, state) of a new branch.
 pub(crate) fn encode_branch(b: &Branch) -> Result<[String; 3], StoreError> {
-    let rec = BranchRecord {
-        branch_id: b.branch_id.clone(),
-        op: b.op.clone(),
-        url: b.url.clone(),
+    let rec = BranchRecordRef {
+        branch_id: &b.branch_id,
+        op: &b.op,
+        url: &b.url,
         bin: if b.bin_data.is_empty() {
             String::new()
         } else {
@@ -269,6 +289,14 @@ mod tests {
         let states = HashMap::from([(key, state)]);
         let got = decode_branches("g", vec![rec], states).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(got, vec![Branch { id: 1, ..b }]);
+    }
+
+    #[test]
+    fn branch_key_is_a_json_array() {
+        assert_eq!(branch_key("0|1", "action"), r#"["0|1","action"]"#);
+        let odd = "a\"b\\c\u{1}é";
+        let want = serde_json::json!([odd, "op"]).to_string();
+        assert_eq!(branch_key(odd, "op"), want);
     }
 
     #[test]
