@@ -52,6 +52,26 @@ fn cluster_addrs() -> Option<String> {
     nodes
 }
 
+/// A test on the single Redis and one on the Redis Cluster, each run when its address is
+/// configured.
+macro_rules! on_single_and_cluster {
+    ($body:ident, $single:ident, $cluster:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $single() {
+            if let Some(h) = single_addr() {
+                $body(h).await;
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $cluster() {
+            if let Some(h) = cluster_addrs() {
+                $body(h).await;
+            }
+        }
+    };
+}
+
 fn unique_prefix(tag: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     format!(
@@ -328,33 +348,13 @@ async fn gid_saved_again_over_leftovers(hosts: String) {
     purge(hosts, prefix).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_gid_saved_again_over_leftovers() {
-    if let Some(h) = single_addr() {
-        gid_saved_again_over_leftovers(h).await;
-    }
-}
+on_single_and_cluster!(
+    gid_saved_again_over_leftovers,
+    single_gid_saved_again_over_leftovers,
+    cluster_gid_saved_again_over_leftovers
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_gid_saved_again_over_leftovers() {
-    if let Some(h) = cluster_addrs() {
-        gid_saved_again_over_leftovers(h).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_retention() {
-    if let Some(h) = single_addr() {
-        retention(h).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_retention() {
-    if let Some(h) = cluster_addrs() {
-        retention(h).await;
-    }
-}
+on_single_and_cluster!(retention, single_retention, cluster_retention);
 
 /// A server configured with another shard count keeps using the count the data was
 /// written with, so it finds every transaction.
@@ -399,19 +399,11 @@ async fn shard_count_is_fixed_by_the_data(hosts: String) {
     purge(hosts, prefix).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_shard_count_is_fixed_by_the_data() {
-    if let Some(h) = single_addr() {
-        shard_count_is_fixed_by_the_data(h).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_shard_count_is_fixed_by_the_data() {
-    if let Some(h) = cluster_addrs() {
-        shard_count_is_fixed_by_the_data(h).await;
-    }
-}
+on_single_and_cluster!(
+    shard_count_is_fixed_by_the_data,
+    single_shard_count_is_fixed_by_the_data,
+    cluster_shard_count_is_fixed_by_the_data
+);
 
 /// Transactions of different shards live on different cluster nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
