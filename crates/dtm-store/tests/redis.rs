@@ -271,6 +271,20 @@ async fn retention(hosts: String) {
     }
     assert_eq!(seen.len(), 65, "expired transactions are not listed");
     assert!(!seen.contains(&"done".to_string()));
+    // an expiry index as earlier versions kept it, beside a shard's index
+    let (mut c, all) = keys_like(&hosts, &format!("{prefix}*all"))
+        .await
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no index key under {prefix}"));
+    let old_exp = format!("{}exp", all.trim_end_matches("all"));
+    let _: i64 = redis::cmd("ZADD")
+        .arg(&old_exp)
+        .arg(1)
+        .arg("gone")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     // the retention sweep drops the index entry of the expired transaction only; with a
     // budget of one entry per shard it still gets past the live ones, sweep by sweep
     let bound = Utc::now();
@@ -298,6 +312,10 @@ async fn retention(hosts: String) {
         "the index entry of the expired transaction was dropped"
     );
     assert_eq!(index_entries(&hosts, &prefix, "keep").await, 1);
+    assert!(
+        keys_like(&hosts, &old_exp).await.is_empty(),
+        "the sweep removed the expiry index of earlier versions"
+    );
     assert_eq!(
         keys_like(&hosts, &format!("{prefix}*:done")).await.len(),
         0,

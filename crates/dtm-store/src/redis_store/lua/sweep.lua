@@ -16,8 +16,9 @@ for i = 1, #chunk, 2 do
     dropped = dropped + 1
   end
 end
--- the expiry index of earlier versions is no longer kept
-redis.call('DEL', tag .. 'exp')
+-- the expiry index of earlier versions is no longer kept (UNLINK: it may be large, and
+-- Redis frees it in the background)
+redis.call('UNLINK', tag .. 'exp')
 if #chunk < budget * 2 then
   -- reached the bound: the next sweep starts from the oldest again
   redis.call('DEL', KEYS[2])
