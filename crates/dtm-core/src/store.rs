@@ -199,8 +199,9 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self) {}
     /// Retention: delete up to `limit` finished (`succeed`/`failed`) transactions, with
     /// their branches, whose last update is older than `before`; return how many. Never
-    /// touches unfinished transactions. The default deletes nothing (for backends that
-    /// expire data by themselves or keep it forever).
+    /// touches unfinished transactions. The default deletes nothing. A backend that expires
+    /// data by itself (Redis) uses the call to drop what the expiry left behind (index
+    /// entries), with `limit` as its budget per step, and returns how many it dropped.
     async fn purge_finished(
         &self,
         _before: DateTime<Utc>,

@@ -219,7 +219,7 @@ struct Inner {
 pub struct RedisStore {
     inner: Arc<Inner>,
     writer: Mutex<Option<Vec<mpsc::UnboundedSender<Job>>>>,
-    writer_task: Mutex<Vec<JoinHandle<()>>>,
+    writer_tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn status_of(v: &Value) -> Option<&[u8]> {
@@ -296,7 +296,7 @@ impl RedisStore {
         Ok(RedisStore {
             inner,
             writer: Mutex::new(Some(senders)),
-            writer_task: Mutex::new(tasks),
+            writer_tasks: Mutex::new(tasks),
         })
     }
 
@@ -932,13 +932,6 @@ impl Store for RedisStore {
         if let Ok(mut w) = self.writer.lock() {
             w.take();
         }
-        let tasks = self
-            .writer_task
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
-        for t in tasks {
-            let _ = t.await;
-        }
+        crate::join_writer_tasks(&self.writer_tasks).await;
     }
 }

@@ -664,14 +664,7 @@ impl Store for SqlStore {
         if let Ok(mut w) = self.writers.lock() {
             w.clear();
         }
-        let tasks = self
-            .writer_tasks
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
-        for t in tasks {
-            let _ = t.await;
-        }
+        crate::join_writer_tasks(&self.writer_tasks).await;
         self.engine.close().await;
     }
 
