@@ -25,6 +25,11 @@ Load:
   --warmup S          unmeasured warm-up per mode                  (default 2)
   --no-baseline       skip the baseline
   --baseline-seconds S  length of the baseline                     (default: --seconds)
+  --slices N          measure the first mode and the baseline in N alternating slices
+                      (mode, baseline, mode, ...), so that R compares the two under the
+                      same machine state; 1 = the whole mode, then the whole baseline.
+                      Used for saga-wait and tcc with a time limit and no --rate; other
+                      cases measure the baseline after the modes    (default 5)
 
 Server:
   --store NAME        sqlite | postgres | mysql | redis           (default sqlite)
@@ -86,6 +91,7 @@ pub struct Args {
     pub warmup: f64,
     pub baseline: bool,
     pub baseline_seconds: Option<f64>,
+    pub slices: u32,
     pub store: String,
     pub sync: String,
     pub env: Vec<(String, String)>,
@@ -118,6 +124,7 @@ impl Default for Args {
             warmup: 2.0,
             baseline: true,
             baseline_seconds: None,
+            slices: 5,
             store: "sqlite".into(),
             sync: "full".into(),
             env: vec![],
@@ -231,6 +238,12 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
             }
             "--warmup" => a.warmup = pos_f(key, &val)?,
             "--baseline-seconds" => a.baseline_seconds = Some(pos_f(key, &val)?),
+            "--slices" => {
+                a.slices = num(key, &val)?;
+                if a.slices == 0 || a.slices > 1000 {
+                    return Err(format!("--slices must be 1..1000, got {val}"));
+                }
+            }
             "--store" => {
                 let s = val.to_ascii_lowercase();
                 if !["sqlite", "boltdb", "postgres", "mysql", "redis"].contains(&s.as_str()) {
@@ -318,6 +331,8 @@ mod tests {
         assert_eq!(a.seconds, 20.0);
         assert!(a.baseline && !a.json);
         assert_eq!(a.scenario, Scenario::Throughput);
+        assert_eq!(a.slices, 5);
+        assert_eq!(p("--slices 1").unwrap_or_default().slices, 1);
     }
 
     #[test]
@@ -348,6 +363,7 @@ mod tests {
             ("--frobnicate", "frobnicate"),
             ("--rate 0", "rate"),
             ("--sync off", "sync"),
+            ("--slices 0", "slices"),
         ] {
             let e = p(s).err().unwrap_or_default();
             assert!(e.contains(want), "{s}: {e}");

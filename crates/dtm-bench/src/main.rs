@@ -151,6 +151,91 @@ fn limit_of(args: &Args, secs: f64) -> Limit {
     }
 }
 
+/// What the slices of one measured phase add up to.
+#[derive(Default)]
+struct Acc {
+    out: load::PhaseOut,
+    delta: procfs::Delta,
+    slices: u32,
+}
+
+impl Acc {
+    /// Run one slice of `kind` and add it.
+    #[allow(clippy::too_many_arguments)]
+    async fn slice(
+        &mut self,
+        target: &Arc<Target>,
+        server: &ServerUnderTest,
+        kind: Kind,
+        tag: &str,
+        limit: Limit,
+        concurrency: usize,
+        rate: Option<f64>,
+    ) -> anyhow::Result<()> {
+        let pid = server.pid.as_deref();
+        let a = procfs::Snap::take(pid);
+        let out = load::run_phase(Arc::clone(target), kind, tag, limit, concurrency, rate).await?;
+        let b = procfs::Snap::take(pid);
+        let d = procfs::Delta::between(&a, &b);
+        self.delta = if self.slices == 0 {
+            d
+        } else {
+            self.delta.add(&d)
+        };
+        self.slices += 1;
+        let o = &mut self.out;
+        o.lat_us.extend(out.lat_us);
+        o.ok += out.ok;
+        o.errors += out.errors;
+        o.wall += out.wall;
+        o.gids.extend(out.gids);
+        for e in out.error_samples {
+            if o.error_samples.len() < 5 {
+                o.error_samples.push(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The table row, and the gids started.
+    fn into_row(
+        mut self,
+        server: &ServerUnderTest,
+        kind: Kind,
+        tag: &str,
+        rate: Option<f64>,
+    ) -> (Row, Vec<String>) {
+        let out = &mut self.out;
+        let cpu = self.delta.cpu(out.wall);
+        let lat = stats::summarize(&mut out.lat_us);
+        let rss = server.pid.as_deref().and_then(procfs::rss);
+        let name = match (tag, rate) {
+            ("half", _) => format!("{}@half", kind.name()),
+            (_, Some(r)) => format!("{}@{r:.0}/s", kind.name()),
+            _ => kind.name().to_string(),
+        };
+        for e in &out.error_samples {
+            eprintln!("dtm-bench: {name}: error: {e}");
+        }
+        (
+            Row {
+                name,
+                kind,
+                ok: out.ok,
+                errors: out.errors,
+                wall: out.wall,
+                lat,
+                cpu,
+                rss,
+                settle: None,
+                verify: None,
+                slices: self.slices,
+            },
+            std::mem::take(&mut out.gids),
+        )
+    }
+}
+
 /// One measured phase with CPU and memory around it.
 async fn measured(
     target: &Arc<Target>,
@@ -161,36 +246,68 @@ async fn measured(
     concurrency: usize,
     rate: Option<f64>,
 ) -> anyhow::Result<(Row, Vec<String>)> {
-    let pid = server.pid.as_deref();
-    let a = procfs::Snap::take(pid);
-    let mut out = load::run_phase(Arc::clone(target), kind, tag, limit, concurrency, rate).await?;
-    let b = procfs::Snap::take(pid);
-    let cpu = procfs::cpu_between(&a, &b, out.wall);
-    let lat = stats::summarize(&mut out.lat_us);
-    let rss = pid.and_then(procfs::rss);
-    let name = match (tag, rate) {
-        ("half", _) => format!("{}@half", kind.name()),
-        (_, Some(r)) => format!("{}@{r:.0}/s", kind.name()),
-        _ => kind.name().to_string(),
-    };
-    for e in &out.error_samples {
-        eprintln!("dtm-bench: {name}: error: {e}");
+    let mut acc = Acc::default();
+    acc.slice(target, server, kind, tag, limit, concurrency, rate)
+        .await?;
+    Ok(acc.into_row(server, kind, tag, rate))
+}
+
+/// Measure `kind` and the baseline in alternating slices, so that a change in the
+/// machine's speed during the run (this VM's CPU can change by half between minutes)
+/// moves both and leaves R alone. Returns (mode row, baseline row, mode gids).
+async fn interleaved(
+    args: &Args,
+    target: &Arc<Target>,
+    server: &ServerUnderTest,
+    kind: Kind,
+) -> anyhow::Result<(Row, Row, Vec<String>)> {
+    let n = args.slices.max(1);
+    let c = args.concurrency;
+    let mode_slice = Duration::from_secs_f64(args.seconds / f64::from(n));
+    let base_slice =
+        Duration::from_secs_f64(args.baseline_seconds.unwrap_or(args.seconds) / f64::from(n));
+    eprintln!(
+        "dtm-bench: {} and baseline: measuring in {n} alternating slices of {:.1}s and {:.1}s",
+        kind.name(),
+        mode_slice.as_secs_f64(),
+        base_slice.as_secs_f64()
+    );
+    let mut mode = Acc::default();
+    let mut base = Acc::default();
+    for i in 0..n {
+        // each slice's gids are distinct from every other phase's
+        let tag = format!("m{i}");
+        mode.slice(target, server, kind, &tag, Limit::Time(mode_slice), c, None)
+            .await?;
+        base.slice(
+            target,
+            server,
+            Kind::Baseline,
+            &tag,
+            Limit::Time(base_slice),
+            c,
+            None,
+        )
+        .await?;
     }
-    Ok((
-        Row {
-            name,
-            kind,
-            ok: out.ok,
-            errors: out.errors,
-            wall: out.wall,
-            lat,
-            cpu,
-            rss,
-            settle: None,
-            verify: None,
-        },
-        std::mem::take(&mut out.gids),
-    ))
+    let (mrow, gids) = mode.into_row(server, kind, "m", None);
+    let (brow, _) = base.into_row(server, Kind::Baseline, "m", None);
+    Ok((mrow, brow, gids))
+}
+
+async fn warm_up_baseline(args: &Args, target: &Arc<Target>) -> anyhow::Result<()> {
+    if args.warmup > 0.0 {
+        load::run_phase(
+            Arc::clone(target),
+            Kind::Baseline,
+            "w",
+            Limit::Time(Duration::from_secs_f64(args.warmup.min(2.0))),
+            args.concurrency,
+            None,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 async fn throughput(
@@ -201,6 +318,8 @@ async fn throughput(
     let mut rows: Vec<Row> = Vec::new();
     let mut all_ok = true;
     let c = args.concurrency;
+    let mut baseline_row: Option<Row> = None;
+    let headline_kind = report::headline_kind(&args.modes);
     for &kind in &args.modes {
         let mut gids = Vec::new();
         if args.warmup > 0.0 {
@@ -228,25 +347,42 @@ async fn throughput(
             Some(Rate::Fixed(r)) => Some(r),
             _ => None,
         };
-        eprintln!(
-            "dtm-bench: {}: measuring{}",
-            kind.name(),
-            match args.count {
-                Some(n) => format!(" {n} transactions"),
-                None => format!(" {}s", args.seconds),
-            }
-        );
-        let (row, g) = measured(
-            target,
-            server,
-            kind,
-            "m",
-            limit_of(args, args.seconds),
-            c,
-            fixed,
-        )
-        .await?;
-        gids.extend(g);
+        // R compares the headline mode with the baseline: take both in alternating
+        // slices, where a slice ends with nothing of the mode left running in the server
+        let slice_it = Some(kind) == headline_kind
+            && args.baseline
+            && args.slices > 1
+            && args.count.is_none()
+            && args.rate.is_none()
+            && !kind.is_async();
+        let row = if slice_it {
+            warm_up_baseline(args, target).await?;
+            let (row, brow, g) = interleaved(args, target, server, kind).await?;
+            gids.extend(g);
+            baseline_row = Some(brow);
+            row
+        } else {
+            eprintln!(
+                "dtm-bench: {}: measuring{}",
+                kind.name(),
+                match args.count {
+                    Some(n) => format!(" {n} transactions"),
+                    None => format!(" {}s", args.seconds),
+                }
+            );
+            let (row, g) = measured(
+                target,
+                server,
+                kind,
+                "m",
+                limit_of(args, args.seconds),
+                c,
+                fixed,
+            )
+            .await?;
+            gids.extend(g);
+            row
+        };
         let full_tps = row.tps();
         let mut mode_rows = vec![row];
         if args.rate == Some(Rate::Half) && full_tps > 0.0 {
@@ -300,20 +436,10 @@ async fn throughput(
         mode_rows[0].verify = Some(v);
         rows.extend(mode_rows);
     }
-    if args.baseline {
+    if args.baseline && baseline_row.is_none() {
         let secs = args.baseline_seconds.unwrap_or(args.seconds);
         eprintln!("dtm-bench: baseline: the two branch handlers called directly");
-        if args.warmup > 0.0 {
-            load::run_phase(
-                Arc::clone(target),
-                Kind::Baseline,
-                "w",
-                Limit::Time(Duration::from_secs_f64(args.warmup.min(2.0))),
-                c,
-                None,
-            )
-            .await?;
-        }
+        warm_up_baseline(args, target).await?;
         let (row, _) = measured(
             target,
             server,
@@ -324,8 +450,9 @@ async fn throughput(
             None,
         )
         .await?;
-        rows.push(row);
+        baseline_row = Some(row);
     }
+    rows.extend(baseline_row);
     let errors: u64 = rows.iter().map(|r| r.errors).sum();
     if errors > 0 && !args.allow_errors {
         all_ok = false;

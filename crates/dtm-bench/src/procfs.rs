@@ -118,43 +118,100 @@ pub struct CpuUse {
     pub server_io: Option<(u64, u64, u64)>,
 }
 
-pub fn cpu_between(a: &Snap, b: &Snap, wall: f64) -> CpuUse {
-    let pct = |x: Option<f64>, y: Option<f64>| match (x, y) {
-        (Some(x), Some(y)) if wall > 0.0 => Some((y - x) / wall * 100.0),
+/// What changed between two snapshots; deltas of several windows add up, so a phase
+/// measured in slices reports its CPU over the slices only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Delta {
+    pub server_cpu: Option<f64>,
+    pub server_io: Option<(u64, u64, u64)>,
+    pub own_cpu: Option<f64>,
+    /// machine (busy, total) jiffies
+    pub machine: Option<(u64, u64)>,
+}
+
+fn sub_f(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(y - x),
         _ => None,
-    };
-    let server_pct = pct(a.server_cpu, b.server_cpu);
-    let bench_pct = pct(a.own_cpu, b.own_cpu);
-    let others_pct = match (a.machine, b.machine) {
-        (Some((b0, _)), Some((b1, _))) if wall > 0.0 => {
-            let busy = b1.saturating_sub(b0) as f64 / clk_tck() / wall * 100.0;
-            Some((busy - server_pct.unwrap_or(0.0) - bench_pct.unwrap_or(0.0)).max(0.0))
+    }
+}
+
+fn add_f(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x + y),
+        _ => None,
+    }
+}
+
+impl Delta {
+    pub fn between(a: &Snap, b: &Snap) -> Delta {
+        Delta {
+            server_cpu: sub_f(a.server_cpu, b.server_cpu),
+            server_io: match (a.server_io, b.server_io) {
+                (Some(x), Some(y)) => Some((
+                    y.0.saturating_sub(x.0),
+                    y.1.saturating_sub(x.1),
+                    y.2.saturating_sub(x.2),
+                )),
+                _ => None,
+            },
+            own_cpu: sub_f(a.own_cpu, b.own_cpu),
+            machine: match (a.machine, b.machine) {
+                (Some((b0, t0)), Some((b1, t1))) => {
+                    Some((b1.saturating_sub(b0), t1.saturating_sub(t0)))
+                }
+                _ => None,
+            },
         }
-        _ => None,
-    };
-    CpuUse {
-        server_io: match (a.server_io, b.server_io) {
-            (Some(x), Some(y)) => Some((
-                y.0.saturating_sub(x.0),
-                y.1.saturating_sub(x.1),
-                y.2.saturating_sub(x.2),
-            )),
+    }
+
+    /// The sum of two windows (a field unknown in either is unknown).
+    pub fn add(&self, o: &Delta) -> Delta {
+        Delta {
+            server_cpu: add_f(self.server_cpu, o.server_cpu),
+            server_io: match (self.server_io, o.server_io) {
+                (Some(x), Some(y)) => Some((x.0 + y.0, x.1 + y.1, x.2 + y.2)),
+                _ => None,
+            },
+            own_cpu: add_f(self.own_cpu, o.own_cpu),
+            machine: match (self.machine, o.machine) {
+                (Some(x), Some(y)) => Some((x.0 + y.0, x.1 + y.1)),
+                _ => None,
+            },
+        }
+    }
+
+    /// CPU use over `wall` seconds of measured time.
+    pub fn cpu(&self, wall: f64) -> CpuUse {
+        let pct = |d: Option<f64>| match d {
+            Some(d) if wall > 0.0 => Some(d / wall * 100.0),
             _ => None,
-        },
-        others_pct,
-        server_pct,
-        server_secs: match (a.server_cpu, b.server_cpu) {
-            (Some(x), Some(y)) => Some(y - x),
-            _ => None,
-        },
-        bench_pct,
-        machine_pct: match (a.machine, b.machine) {
-            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
-                Some((b1 - b0) as f64 / (t1 - t0) as f64 * 100.0)
+        };
+        let server_pct = pct(self.server_cpu);
+        let bench_pct = pct(self.own_cpu);
+        let others_pct = match self.machine {
+            Some((busy, _)) if wall > 0.0 => {
+                let busy = busy as f64 / clk_tck() / wall * 100.0;
+                Some((busy - server_pct.unwrap_or(0.0) - bench_pct.unwrap_or(0.0)).max(0.0))
             }
             _ => None,
-        },
+        };
+        CpuUse {
+            server_io: self.server_io,
+            others_pct,
+            server_pct,
+            server_secs: self.server_cpu,
+            bench_pct,
+            machine_pct: match self.machine {
+                Some((busy, total)) if total > 0 => Some(busy as f64 / total as f64 * 100.0),
+                _ => None,
+            },
+        }
     }
+}
+
+pub fn cpu_between(a: &Snap, b: &Snap, wall: f64) -> CpuUse {
+    Delta::between(a, b).cpu(wall)
 }
 
 #[cfg(test)]
@@ -187,5 +244,33 @@ mod tests {
     fn machine_busy() {
         let s = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n";
         assert_eq!(parse_machine(s), Some((150, 1000)));
+    }
+
+    #[test]
+    fn slices_add_up_to_one_window() {
+        let snap = |srv: f64, own: f64, busy: u64, total: u64| Snap {
+            server_cpu: Some(srv),
+            server_io: Some((busy, total, 0)),
+            own_cpu: Some(own),
+            machine: Some((busy, total)),
+        };
+        let (a, b, c, d) = (
+            snap(1.0, 2.0, 100, 1000),
+            snap(2.0, 2.5, 300, 1400),
+            snap(5.0, 3.0, 350, 1600),
+            snap(5.5, 4.0, 450, 1800),
+        );
+        // two 1 s slices with an unmeasured gap between them
+        let sum = Delta::between(&a, &b).add(&Delta::between(&c, &d));
+        assert_eq!(sum.server_cpu, Some(1.5));
+        assert_eq!(sum.own_cpu, Some(1.5));
+        assert_eq!(sum.machine, Some((300, 600)));
+        assert_eq!(sum.server_io, Some((300, 600, 0)));
+        let cpu = sum.cpu(2.0);
+        assert_eq!(cpu.server_pct, Some(75.0));
+        assert_eq!(cpu.machine_pct, Some(50.0));
+        let none = sum.add(&Delta::default());
+        assert_eq!(none.server_cpu, None);
+        assert_eq!(none.cpu(2.0).server_pct, None);
     }
 }

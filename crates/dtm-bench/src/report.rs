@@ -21,6 +21,8 @@ pub struct Row {
     /// asynchronous modes: seconds after the phase until every transaction was final
     pub settle: Option<f64>,
     pub verify: Option<Verdict>,
+    /// how many separately timed slices the row adds up (1: one stretch)
+    pub slices: u32,
 }
 
 impl Row {
@@ -56,6 +58,15 @@ pub fn durability(args: &Args) -> String {
         }
         other => format!("{other} server defaults"),
     }
+}
+
+/// The mode the headline numbers (and R) come from: saga-wait, else saga, else the
+/// first mode.
+pub fn headline_kind(modes: &[Kind]) -> Option<Kind> {
+    [Kind::SagaWait, Kind::Saga]
+        .into_iter()
+        .find(|k| modes.contains(k))
+        .or_else(|| modes.first().copied())
 }
 
 /// The row the headline numbers come from: the first saga mode, else the first mode.
@@ -152,6 +163,14 @@ pub fn table(rows: &[Row], args: &Args) -> String {
             b.tps(),
             ratio(h.tps(), b.tps())
         ));
+        if h.slices > 1 && b.slices == h.slices {
+            s.push_str(&format!(
+                "(both measured in {} alternating slices, {:.1}s and {:.1}s each)\n",
+                h.slices,
+                h.wall / f64::from(h.slices),
+                b.wall / f64::from(b.slices)
+            ));
+        }
     }
     s.push_str(
         "(srvCPU%, bench%, other%: % of one core used by the server, by this bench (load + branches), by everything else; mach%: % of all cores; srvus/tx: server CPU per transaction)\n",
@@ -218,6 +237,7 @@ pub fn throughput_json(rows: &[Row], args: &Args, ok: bool) -> String {
         .text("durability", &durability(args))
         .int("concurrency", args.concurrency as u64)
         .num("seconds", h.map(|r| r.wall).unwrap_or(0.0), 2)
+        .int("slices", h.map(|r| u64::from(r.slices)).unwrap_or(0))
         .bool("ok", ok);
     if let Some(h) = h {
         if let Some(v) = h.cpu.server_pct {
@@ -368,6 +388,7 @@ mod tests {
             cpu: CpuUse::default(),
             rss: None,
             settle: None,
+            slices: 1,
             verify: (kind != Kind::Baseline).then(|| Verdict {
                 succeeded: ok,
                 ..Default::default()

@@ -1,0 +1,101 @@
+//! The bench end to end against the debug `dtm` binary: a short sliced run must verify
+//! every transaction it started and report R from both halves of the slices.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn dtm_bin() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_dtm-bench")).with_file_name("dtm");
+    p.is_file().then_some(p)
+}
+
+/// The scenario suites run once per backend; this one only needs the embedded store.
+fn embedded_run() -> bool {
+    std::env::var("DTM_TEST_STORE").map_or(true, |s| s == "sqlite")
+}
+
+#[test]
+fn sliced_run_verifies_and_reports_both_sides() {
+    if !embedded_run() {
+        return;
+    }
+    let Some(dtm) = dtm_bin() else {
+        eprintln!("skipped: build the server first (cargo build --workspace)");
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_dtm-bench"))
+        .args([
+            "--seconds",
+            "1.2",
+            "--warmup",
+            "0.2",
+            "--slices",
+            "3",
+            "-c",
+            "4",
+        ])
+        .args(["--json", "--dtm"])
+        .arg(&dtm)
+        .output()
+        .expect("running dtm-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("measuring in 3 alternating slices of 0.4s and 0.4s"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("(both measured in 3 alternating slices"),
+        "{stdout}"
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).expect("JSON on the last line");
+    assert_eq!(v["slices"], 3, "{last}");
+    assert_eq!(v["ok"], true, "{last}");
+    assert_eq!(v["errors"], 0, "{last}");
+    let sagas = v["sagas_per_sec"].as_f64().unwrap_or(0.0);
+    let base = v["baseline_pairs_per_sec"].as_f64().unwrap_or(0.0);
+    assert!(sagas > 0.0 && base > 0.0, "{last}");
+    let r = v["ratio"].as_f64().unwrap_or(0.0);
+    assert!((r - sagas / base).abs() < 0.01, "{last}");
+    // every transaction of the three slices (and the warm-up) was checked final
+    let verified = v["verified"].as_u64().unwrap_or(0);
+    assert_eq!(Some(verified), v["verify_checked"].as_u64(), "{last}");
+    assert!(verified as f64 >= sagas * 1.2 * 0.9, "{last}");
+}
+
+#[test]
+fn one_slice_keeps_the_old_order() {
+    if !embedded_run() {
+        return;
+    }
+    let Some(dtm) = dtm_bin() else {
+        eprintln!("skipped: build the server first (cargo build --workspace)");
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_dtm-bench"))
+        .args([
+            "--seconds",
+            "0.5",
+            "--warmup",
+            "0",
+            "--slices",
+            "1",
+            "-c",
+            "2",
+        ])
+        .args(["--json", "--dtm"])
+        .arg(&dtm)
+        .output()
+        .expect("running dtm-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("saga-wait: measuring 0.5s"), "{stderr}");
+    assert!(!stdout.contains("alternating"), "{stdout}");
+    let last = stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).expect("JSON on the last line");
+    assert_eq!(v["slices"], 1, "{last}");
+    assert_eq!(v["ok"], true, "{last}");
+}
