@@ -277,6 +277,7 @@ async fn interleaved(
     for i in 0..n {
         // each slice's gids are distinct from every other phase's
         let tag = format!("m{i}");
+        let (m0, b0) = ((mode.out.ok, mode.out.wall), (base.out.ok, base.out.wall));
         mode.slice(target, server, kind, &tag, Limit::Time(mode_slice), c, None)
             .await?;
         base.slice(
@@ -289,6 +290,16 @@ async fn interleaved(
             None,
         )
         .await?;
+        let rate = |(ok, wall): (u64, f64), acc: &Acc| {
+            stats::ratio((acc.out.ok - ok) as f64, acc.out.wall - wall)
+        };
+        eprintln!(
+            "dtm-bench: slice {}: {} {:.0}/s, baseline {:.0} pairs/s",
+            i + 1,
+            kind.name(),
+            rate(m0, &mode),
+            rate(b0, &base)
+        );
     }
     let (mrow, gids) = mode.into_row(server, kind, "m", None);
     let (brow, _) = base.into_row(server, Kind::Baseline, "m", None);
