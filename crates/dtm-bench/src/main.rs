@@ -157,6 +157,8 @@ struct Acc {
     out: load::PhaseOut,
     delta: procfs::Delta,
     slices: u32,
+    /// each slice's transactions per second
+    slice_tps: Vec<f64>,
 }
 
 impl Acc {
@@ -183,6 +185,7 @@ impl Acc {
             self.delta.add(&d)
         };
         self.slices += 1;
+        self.slice_tps.push(stats::ratio(out.ok as f64, out.wall));
         let o = &mut self.out;
         o.lat_us.extend(out.lat_us);
         o.ok += out.ok;
@@ -230,6 +233,7 @@ impl Acc {
                 settle: None,
                 verify: None,
                 slices: self.slices,
+                slice_tps: std::mem::take(&mut self.slice_tps),
             },
             std::mem::take(&mut out.gids),
         )
@@ -277,7 +281,6 @@ async fn interleaved(
     for i in 0..n {
         // each slice's gids are distinct from every other phase's
         let tag = format!("m{i}");
-        let (m0, b0) = ((mode.out.ok, mode.out.wall), (base.out.ok, base.out.wall));
         mode.slice(target, server, kind, &tag, Limit::Time(mode_slice), c, None)
             .await?;
         base.slice(
@@ -290,15 +293,15 @@ async fn interleaved(
             None,
         )
         .await?;
-        let rate = |(ok, wall): (u64, f64), acc: &Acc| {
-            stats::ratio((acc.out.ok - ok) as f64, acc.out.wall - wall)
-        };
+        let (m, b) = (
+            mode.slice_tps.last().copied().unwrap_or(0.0),
+            base.slice_tps.last().copied().unwrap_or(0.0),
+        );
         eprintln!(
-            "dtm-bench: slice {}: {} {:.0}/s, baseline {:.0} pairs/s",
+            "dtm-bench: slice {}: {} {m:.0}/s, baseline {b:.0} pairs/s, R {:.3}",
             i + 1,
             kind.name(),
-            rate(m0, &mode),
-            rate(b0, &base)
+            stats::ratio(m, b)
         );
     }
     let (mrow, gids) = mode.into_row(server, kind, "m", None);

@@ -3,8 +3,9 @@
 use crate::args::Args;
 use crate::load::Kind;
 use crate::procfs::CpuUse;
-use crate::stats::{JsonLine, Latency, ratio};
+use crate::stats::{JsonLine, Latency, ratio, round};
 use crate::verify::Verdict;
+use serde_json::Value;
 
 /// One measured phase.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub struct Row {
     pub verify: Option<Verdict>,
     /// how many separately timed slices the row adds up (1: one stretch)
     pub slices: u32,
+    /// each slice's transactions per second (in the order they ran)
+    pub slice_tps: Vec<f64>,
 }
 
 impl Row {
@@ -164,11 +167,16 @@ pub fn table(rows: &[Row], args: &Args) -> String {
             ratio(h.tps(), b.tps())
         ));
         if h.slices > 1 && b.slices == h.slices {
+            let rs = slice_ratios(h, b);
             s.push_str(&format!(
-                "(both measured in {} alternating slices, {:.1}s and {:.1}s each)\n",
+                "(both measured in {} alternating slices, {:.1}s and {:.1}s each; R per slice pair: {})\n",
                 h.slices,
                 h.wall / f64::from(h.slices),
-                b.wall / f64::from(b.slices)
+                b.wall / f64::from(b.slices),
+                rs.iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ));
         }
     }
@@ -183,6 +191,15 @@ pub fn table(rows: &[Row], args: &Args) -> String {
         s.push_str(&format!("server peak RSS: {:.0} MB\n", mb(peak)));
     }
     s
+}
+
+/// R of each (mode slice, baseline slice) pair, in the order they ran.
+pub fn slice_ratios(h: &Row, b: &Row) -> Vec<f64> {
+    h.slice_tps
+        .iter()
+        .zip(&b.slice_tps)
+        .map(|(m, b)| ratio(*m, *b))
+        .collect()
 }
 
 /// (checked, succeed) over every verdict.
@@ -239,6 +256,15 @@ pub fn throughput_json(rows: &[Row], args: &Args, ok: bool) -> String {
         .num("seconds", h.map(|r| r.wall).unwrap_or(0.0), 2)
         .int("slices", h.map(|r| u64::from(r.slices)).unwrap_or(0))
         .bool("ok", ok);
+    if let (Some(h), Some(b)) = (h, b)
+        && h.slices > 1
+    {
+        let rs: Vec<Value> = slice_ratios(h, b)
+            .into_iter()
+            .map(|r| Value::from(round(r, 4)))
+            .collect();
+        j.value("slice_ratios", Value::Array(rs));
+    }
     if let Some(h) = h {
         if let Some(v) = h.cpu.server_pct {
             j.num("server_cpu_pct", v, 1);
@@ -389,6 +415,7 @@ mod tests {
             rss: None,
             settle: None,
             slices: 1,
+            slice_tps: vec![],
             verify: (kind != Kind::Baseline).then(|| Verdict {
                 succeeded: ok,
                 ..Default::default()
@@ -429,5 +456,29 @@ mod tests {
             t.contains("R = saga-wait 500/s / baseline 1000 pairs/s = 0.500"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn r_per_slice_pair() {
+        let mut h = row("saga-wait", Kind::SagaWait, 3000, 3.0);
+        let mut b = row("baseline", Kind::Baseline, 6000, 3.0);
+        h.slices = 3;
+        b.slices = 3;
+        h.slice_tps = vec![1000.0, 900.0, 1100.0];
+        b.slice_tps = vec![2000.0, 3000.0, 1000.0];
+        assert_eq!(slice_ratios(&h, &b), vec![0.5, 0.3, 1.1]);
+        let rows = vec![h, b];
+        let t = table(&rows, &Args::default());
+        assert!(
+            t.contains(
+                "3 alternating slices, 1.0s and 1.0s each; R per slice pair: 0.500 0.300 1.100"
+            ),
+            "{t}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&throughput_json(&rows, &Args::default(), true))
+                .unwrap_or_default();
+        assert_eq!(j["slice_ratios"], serde_json::json!([0.5, 0.3, 1.1]));
+        assert_eq!(j["slices"], 3);
     }
 }

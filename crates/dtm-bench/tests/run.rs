@@ -52,6 +52,12 @@ fn sliced_run_verifies_and_reports_both_sides() {
     let last = stdout.lines().last().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(last).expect("JSON on the last line");
     assert_eq!(v["slices"], 3, "{last}");
+    let per_slice = v["slice_ratios"].as_array().cloned().unwrap_or_default();
+    assert_eq!(per_slice.len(), 3, "{last}");
+    assert!(
+        per_slice.iter().all(|r| r.as_f64().unwrap_or(0.0) > 0.0),
+        "{last}"
+    );
     assert_eq!(v["ok"], true, "{last}");
     assert_eq!(v["errors"], 0, "{last}");
     let sagas = v["sagas_per_sec"].as_f64().unwrap_or(0.0);
@@ -97,5 +103,6 @@ fn one_slice_keeps_the_old_order() {
     let last = stdout.lines().last().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(last).expect("JSON on the last line");
     assert_eq!(v["slices"], 1, "{last}");
+    assert!(v.get("slice_ratios").is_none(), "{last}");
     assert_eq!(v["ok"], true, "{last}");
 }
