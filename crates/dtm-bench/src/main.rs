@@ -161,22 +161,35 @@ struct Acc {
     slice_tps: Vec<f64>,
 }
 
+/// One stretch of load: what runs, how long, how many workers, at what pace.
+struct Phase<'a> {
+    kind: Kind,
+    /// makes the gids of this stretch distinct from every other's
+    tag: &'a str,
+    limit: Limit,
+    concurrency: usize,
+    rate: Option<f64>,
+}
+
 impl Acc {
-    /// Run one slice of `kind` and add it.
-    #[allow(clippy::too_many_arguments)]
+    /// Run one slice and add it.
     async fn slice(
         &mut self,
         target: &Arc<Target>,
         server: &ServerUnderTest,
-        kind: Kind,
-        tag: &str,
-        limit: Limit,
-        concurrency: usize,
-        rate: Option<f64>,
+        p: &Phase<'_>,
     ) -> anyhow::Result<()> {
         let pid = server.pid.as_deref();
         let a = procfs::Snap::take(pid);
-        let out = load::run_phase(Arc::clone(target), kind, tag, limit, concurrency, rate).await?;
+        let out = load::run_phase(
+            Arc::clone(target),
+            p.kind,
+            p.tag,
+            p.limit,
+            p.concurrency,
+            p.rate,
+        )
+        .await?;
         let b = procfs::Snap::take(pid);
         let d = procfs::Delta::between(&a, &b);
         self.delta = if self.slices == 0 {
@@ -244,16 +257,11 @@ impl Acc {
 async fn measured(
     target: &Arc<Target>,
     server: &ServerUnderTest,
-    kind: Kind,
-    tag: &str,
-    limit: Limit,
-    concurrency: usize,
-    rate: Option<f64>,
+    p: Phase<'_>,
 ) -> anyhow::Result<(Row, Vec<String>)> {
     let mut acc = Acc::default();
-    acc.slice(target, server, kind, tag, limit, concurrency, rate)
-        .await?;
-    Ok(acc.into_row(server, kind, tag, rate))
+    acc.slice(target, server, &p).await?;
+    Ok(acc.into_row(server, p.kind, p.tag, p.rate))
 }
 
 /// Measure `kind` and the baseline in alternating slices, so that a change in the
@@ -281,16 +289,19 @@ async fn interleaved(
     for i in 0..n {
         // each slice's gids are distinct from every other phase's
         let tag = format!("m{i}");
-        mode.slice(target, server, kind, &tag, Limit::Time(mode_slice), c, None)
+        let phase = |kind, limit| Phase {
+            kind,
+            tag: &tag,
+            limit,
+            concurrency: c,
+            rate: None,
+        };
+        mode.slice(target, server, &phase(kind, Limit::Time(mode_slice)))
             .await?;
         base.slice(
             target,
             server,
-            Kind::Baseline,
-            &tag,
-            Limit::Time(base_slice),
-            c,
-            None,
+            &phase(Kind::Baseline, Limit::Time(base_slice)),
         )
         .await?;
         let (m, b) = (
@@ -387,11 +398,13 @@ async fn throughput(
             let (row, g) = measured(
                 target,
                 server,
-                kind,
-                "m",
-                limit_of(args, args.seconds),
-                c,
-                fixed,
+                Phase {
+                    kind,
+                    tag: "m",
+                    limit: limit_of(args, args.seconds),
+                    concurrency: c,
+                    rate: fixed,
+                },
             )
             .await?;
             gids.extend(g);
@@ -409,11 +422,13 @@ async fn throughput(
             let (row, g) = measured(
                 target,
                 server,
-                kind,
-                "half",
-                limit_of(args, args.seconds),
-                c.max(16),
-                Some(r),
+                Phase {
+                    kind,
+                    tag: "half",
+                    limit: limit_of(args, args.seconds),
+                    concurrency: c.max(16),
+                    rate: Some(r),
+                },
             )
             .await?;
             gids.extend(g);
@@ -457,11 +472,13 @@ async fn throughput(
         let (row, _) = measured(
             target,
             server,
-            Kind::Baseline,
-            "m",
-            limit_of(args, secs),
-            c,
-            None,
+            Phase {
+                kind: Kind::Baseline,
+                tag: "m",
+                limit: limit_of(args, secs),
+                concurrency: c,
+                rate: None,
+            },
         )
         .await?;
         baseline_row = Some(row);

@@ -14,33 +14,46 @@ fn embedded_run() -> bool {
     std::env::var("DTM_TEST_STORE").map_or(true, |s| s == "sqlite")
 }
 
-#[test]
-fn sliced_run_verifies_and_reports_both_sides() {
+/// Run the bench with `args` plus `--json --dtm <debug dtm>`: (stdout, stderr, the JSON
+/// line), after checking that it exited 0. None when this run should skip.
+fn bench(args: &[&str]) -> Option<(String, String, serde_json::Value)> {
     if !embedded_run() {
-        return;
+        return None;
     }
     let Some(dtm) = dtm_bin() else {
         eprintln!("skipped: build the server first (cargo build --workspace)");
-        return;
+        return None;
     };
     let out = Command::new(env!("CARGO_BIN_EXE_dtm-bench"))
-        .args([
-            "--seconds",
-            "1.2",
-            "--warmup",
-            "0.2",
-            "--slices",
-            "3",
-            "-c",
-            "4",
-        ])
+        .args(args)
         .args(["--json", "--dtm"])
         .arg(&dtm)
         .output()
-        .expect("running dtm-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        .unwrap_or_else(|e| panic!("running dtm-bench: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("no JSON on the last line ({e}):\n{stdout}"));
+    Some((stdout, stderr, v))
+}
+
+#[test]
+fn sliced_run_verifies_and_reports_both_sides() {
+    let args = [
+        "--seconds",
+        "1.2",
+        "--warmup",
+        "0.2",
+        "--slices",
+        "3",
+        "-c",
+        "4",
+    ];
+    let Some((stdout, stderr, v)) = bench(&args) else {
+        return;
+    };
     assert!(
         stderr.contains("measuring in 3 alternating slices of 0.4s and 0.4s"),
         "{stderr}"
@@ -49,8 +62,7 @@ fn sliced_run_verifies_and_reports_both_sides() {
         stdout.contains("(both measured in 3 alternating slices"),
         "{stdout}"
     );
-    let last = stdout.lines().last().unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(last).expect("JSON on the last line");
+    let last = v.to_string();
     assert_eq!(v["slices"], 3, "{last}");
     let per_slice = v["slice_ratios"].as_array().cloned().unwrap_or_default();
     assert_eq!(per_slice.len(), 3, "{last}");
@@ -73,35 +85,22 @@ fn sliced_run_verifies_and_reports_both_sides() {
 
 #[test]
 fn one_slice_keeps_the_old_order() {
-    if !embedded_run() {
-        return;
-    }
-    let Some(dtm) = dtm_bin() else {
-        eprintln!("skipped: build the server first (cargo build --workspace)");
+    let args = [
+        "--seconds",
+        "0.5",
+        "--warmup",
+        "0",
+        "--slices",
+        "1",
+        "-c",
+        "2",
+    ];
+    let Some((stdout, stderr, v)) = bench(&args) else {
         return;
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_dtm-bench"))
-        .args([
-            "--seconds",
-            "0.5",
-            "--warmup",
-            "0",
-            "--slices",
-            "1",
-            "-c",
-            "2",
-        ])
-        .args(["--json", "--dtm"])
-        .arg(&dtm)
-        .output()
-        .expect("running dtm-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("saga-wait: measuring 0.5s"), "{stderr}");
     assert!(!stdout.contains("alternating"), "{stdout}");
-    let last = stdout.lines().last().unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(last).expect("JSON on the last line");
+    let last = v.to_string();
     assert_eq!(v["slices"], 1, "{last}");
     assert!(v.get("slice_ratios").is_none(), "{last}");
     assert_eq!(v["ok"], true, "{last}");
