@@ -12,7 +12,11 @@ use crate::store::{WriteOp, WriteOutcome};
 
 /// Run until `stop` turns true.
 pub async fn run(co: Arc<Coordinator>, mut stop: watch::Receiver<bool>) {
-    let sem = Arc::new(Semaphore::new(co.settings.recovery_concurrency.max(1)));
+    let sem = Arc::new(Semaphore::new(
+        co.settings
+            .recovery_concurrency
+            .clamp(1, Semaphore::MAX_PERMITS),
+    ));
     let mut store_down = false;
     loop {
         if *stop.borrow() {

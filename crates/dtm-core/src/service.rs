@@ -55,8 +55,39 @@ pub(crate) fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
+/// The longest span any schedule uses: 100 years. A request's options may carry any
+/// int64 (dtm accepts them all); a transaction retried or timing out after 100 years
+/// never does in practice, and the cap keeps every date computed from the options
+/// representable in every store.
+pub(crate) const MAX_SECS: i64 = 100 * 365 * 86_400;
+
+/// `n` seconds, capped at ±[`MAX_SECS`]: adding it to a date of this era cannot overflow.
 pub(crate) fn secs(n: i64) -> ChronoDuration {
-    ChronoDuration::seconds(n)
+    ChronoDuration::seconds(n.clamp(-MAX_SECS, MAX_SECS))
+}
+
+/// A `branch_headers` entry every branch call can carry: an HTTP header (a name of token
+/// characters, a value of printable ASCII or tabs), and for gRPC also text metadata (not
+/// a binary `-bin` key). Checked at the request, which would otherwise be stored and then
+/// fail every branch call.
+pub(crate) fn check_branch_header(k: &str, v: &str, grpc: bool) -> Result<(), String> {
+    let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+    if k.is_empty() || !k.bytes().all(token) {
+        return Err(format!(
+            "branch_headers: {k:?} is not a valid header name: use letters, digits and -"
+        ));
+    }
+    if !v.bytes().all(|c| c == b'\t' || (0x20..0x7f).contains(&c)) {
+        return Err(format!(
+            "branch_headers: the value of {k:?} must be printable ASCII (no line breaks or control characters)"
+        ));
+    }
+    if grpc && k.to_ascii_lowercase().ends_with("-bin") {
+        return Err(format!(
+            "branch_headers: {k:?} names binary gRPC metadata, which takes base64 values: use a name not ending in -bin"
+        ));
+    }
+    Ok(())
 }
 
 fn is_http_url(u: &str) -> bool {
@@ -118,13 +149,14 @@ impl Coordinator {
 
     /// Base retry interval B of a transaction (dtm `getNextCronInterval`, reset mode).
     pub(crate) fn base_interval(&self, o: &dtm_proto::TransOptions) -> i64 {
-        if o.retry_interval > 0 {
+        let b = if o.retry_interval > 0 {
             o.retry_interval
         } else if o.timeout_to_fail > 0 && o.timeout_to_fail < self.settings.retry_interval {
             o.timeout_to_fail
         } else {
             self.settings.retry_interval
-        }
+        };
+        b.min(MAX_SECS)
     }
 
     // ---------------------------------------------------------------- validation
@@ -210,6 +242,10 @@ impl Coordinator {
         }
         if is_saga {
             process::saga::parse_custom(&req.custom_data, req.steps.len())
+                .map_err(ApiError::BadRequest)?;
+        }
+        for (k, v) in &req.options.branch_headers {
+            check_branch_header(k, v, req.protocol == protocol::GRPC)
                 .map_err(ApiError::BadRequest)?;
         }
         Ok(())
@@ -1089,4 +1125,37 @@ pub struct Subscriber {
     pub url: String,
     #[serde(default)]
     pub remark: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branch_headers_that_every_call_could_carry() {
+        for (k, v, grpc) in [
+            ("Authorization", "Bearer a.b-c", false),
+            ("x-request-id", "7\tb", true),
+            ("X-Token", "t", true),
+            ("x!#$%&'*+-.^_`|~", "", false),
+        ] {
+            assert_eq!(check_branch_header(k, v, grpc), Ok(()), "{k}: {v}");
+        }
+        for (k, v, grpc, want) in [
+            ("", "v", false, "not a valid header name"),
+            ("a b", "v", false, "not a valid header name"),
+            ("a:b", "v", false, "not a valid header name"),
+            ("é", "v", false, "not a valid header name"),
+            ("x", "a\r\nb: c", false, "printable ASCII"),
+            ("x", "\u{0}", false, "printable ASCII"),
+            ("x", "é", false, "printable ASCII"),
+            ("trace-bin", "AAEC", true, "-bin"),
+            ("Trace-BIN", "AAEC", true, "-bin"),
+        ] {
+            let e = check_branch_header(k, v, grpc).err().unwrap_or_default();
+            assert!(e.contains(want), "{k:?}={v:?}: {e}");
+        }
+        // over HTTP a -bin name is just a name
+        assert_eq!(check_branch_header("trace-bin", "AAEC", false), Ok(()));
+    }
 }

@@ -375,8 +375,8 @@ impl Config {
         o.db = self.str("Store.Db").to_string();
         o.schema = self.str("Store.Schema").trim().to_string();
         o.max_open_conns = u32::try_from(self.int("Store.MaxOpenConns").max(1)).unwrap_or(u32::MAX);
-        o.conn_max_lifetime =
-            (minutes > 0).then(|| std::time::Duration::from_secs(minutes as u64 * 60));
+        o.conn_max_lifetime = (minutes > 0)
+            .then(|| std::time::Duration::from_secs((minutes as u64).saturating_mul(60)));
         o.utc_offset_hours = utc_offset_hours;
         Ok(o)
     }

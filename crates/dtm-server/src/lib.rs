@@ -120,7 +120,12 @@ pub fn spawn_retention(store: &Arc<dyn Store>, expire_secs: i64) -> Option<JoinH
         loop {
             tokio::time::sleep(every).await;
             let Some(store) = weak.upgrade() else { break };
-            let before = chrono::Utc::now() - chrono::Duration::seconds(expire_secs);
+            // a retention longer than chrono's dates reach keeps everything
+            let Some(before) = chrono::TimeDelta::try_seconds(expire_secs)
+                .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+            else {
+                continue;
+            };
             let mut total = 0;
             loop {
                 match store.purge_finished(before, PURGE_BATCH).await {

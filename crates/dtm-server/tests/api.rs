@@ -191,6 +191,44 @@ async fn reset_next_cron_time_and_reset_cron_time() -> R {
     Ok(())
 }
 
+/// Options may carry any int64, as dtm's do. The largest ones are held to 100 years
+/// instead of overflowing a date: the request is answered, the transaction is stored and
+/// can still be driven by hand.
+#[tokio::test]
+async fn extreme_intervals_are_capped_not_a_crash() -> R {
+    let (s, b) = (TestServer::start().await?, Busi::start().await?);
+    let gid = s.new_gid().await?;
+    b.set_once(slot::TRANS_OUT, "ERROR");
+    let (code, v) = s
+        .post(
+            "submit",
+            &json!({"gid": gid, "trans_type": "saga", "retry_interval": i64::MAX,
+            "timeout_to_fail": i64::MAX, "request_timeout": i64::MAX,
+            "steps": [{"action": b.route("TransOut"), "compensate": ""}], "payloads": ["{}"]}),
+        )
+        .await?;
+    assert_eq!(code, 200, "{v}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (t, _) = s.query(&gid).await?;
+    assert_eq!(t["status"], "submitted", "{t}");
+    let next = chrono::DateTime::parse_from_rfc3339(t["next_cron_time"].as_str().unwrap_or(""))?;
+    // the retry after the failed call: 100 years, plus up to a tenth of it as jitter
+    let years = (next.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_days() / 365;
+    assert!((99..=110).contains(&years), "{t}");
+    assert_eq!(t["next_cron_interval"], 100_i64 * 365 * 86_400, "{t}");
+    let (code, v) = s
+        .get(&format!("resetCronTime?timeout={}&limit=10", i64::MAX))
+        .await?;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        s.post("resetNextCronTime", &json!({"gid": gid})).await?.0,
+        200
+    );
+    s.wait_status(&gid, "succeed", 10).await?;
+    assert_eq!(s.get("version").await?.0, 200);
+    Ok(())
+}
+
 #[tokio::test]
 async fn topics_subscribe_unsubscribe_delete_and_kv() -> R {
     let s = TestServer::start().await?;
@@ -300,6 +338,9 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_stored() -> R {
         ("submit", json!({"gid": "b8", "trans_type": "saga", "steps": [{"action": "http://x/a"}], "custom_data": "{\"orders\":{\"0\":[0]}}"}).to_string(), 400, "orders"),
         ("submit", json!({"gid": "b9", "trans_type": "saga", "steps": [{"action": "http://x/a"}], "payloads": ["a", "b"]}).to_string(), 400, "payload"),
         ("submit", json!({"gid": "b10", "trans_type": "saga", "steps": [{"action": "http://x/a"}], "timeout_to_fail": -1}).to_string(), 400, "negative"),
+        ("submit", json!({"gid": "b11", "trans_type": "saga", "steps": [{"action": "http://x/a"}], "branch_headers": {"bad name": "v"}}).to_string(), 400, "not a valid header name"),
+        ("submit", json!({"gid": "b12", "trans_type": "saga", "steps": [{"action": "http://x/a"}], "branch_headers": {"x-a": "v\r\nx-b: 1"}}).to_string(), 400, "printable ASCII"),
+        ("prepare", json!({"gid": "b13", "trans_type": "tcc", "branch_headers": {"": "v"}}).to_string(), 400, "header name"),
         ("prepare", json!({"gid": "", "trans_type": "tcc"}).to_string(), 400, "gid"),
         ("abort", json!({"gid": "nobody", "trans_type": "tcc"}).to_string(), 404, "nobody"),
         ("registerBranch", json!({"gid": "x", "branch_id": "01", "trans_type": "tcc", "confirm": 5, "data": {"a": 1}}).to_string(), 400, "data"),
@@ -315,7 +356,9 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_stored() -> R {
             "{path} {body}: message '{m}' should mention '{needle}'"
         );
     }
-    for g in ["b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "b10"] {
+    for g in [
+        "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "b10", "b11", "b12", "b13",
+    ] {
         assert!(s.query(g).await?.0.is_null(), "{g} must not be stored");
     }
     // oversize body

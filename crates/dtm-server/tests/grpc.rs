@@ -364,6 +364,23 @@ async fn saga_grpc_committed_ongoing() -> R {
     Ok(())
 }
 
+/// The largest request_timeout a client can send is held to 100 years before it reaches
+/// the gRPC client, which refuses a deadline beyond 11,000 years.
+#[tokio::test]
+async fn saga_grpc_extreme_request_timeout() -> R {
+    let mut e = setup().await?;
+    let gid = e.gid().await?;
+    let mut r = e.transfer(&gid);
+    r.trans_options = opts(|o| {
+        o.wait_result = true;
+        o.request_timeout = i64::MAX;
+    });
+    e.dtm.submit(r).await?;
+    assert_eq!(e.s.status(&gid).await?, "succeed");
+    assert_eq!(e.s.branches(&gid).await?, "psps");
+    Ok(())
+}
+
 #[tokio::test]
 async fn saga_grpc_wait_result() -> R {
     let mut e = setup().await?;

@@ -22,7 +22,7 @@ use rand::Rng;
 use std::time::Duration;
 
 use crate::caller::BranchCall;
-use crate::service::{Coordinator, now, secs};
+use crate::service::{Coordinator, MAX_SECS, now, secs};
 use crate::store::{BranchUpdate, GlobalUpdate, StoreError, WriteOp};
 
 /// How a pass ended, for `wait_result` answers.
@@ -152,7 +152,9 @@ impl<'a> Ctx<'a> {
             op: op.to_string(),
             protocol: self.g.protocol.clone(),
             headers: self.opts.branch_headers.clone(),
-            timeout: Duration::from_secs(t.max(1) as u64),
+            // capped like every other span: a gRPC client refuses a timeout beyond
+            // 11,000 years
+            timeout: Duration::from_secs(t.clamp(1, MAX_SECS) as u64),
         }
     }
 
@@ -244,12 +246,16 @@ impl<'a> Ctx<'a> {
     pub async fn touch(&mut self, s: Sched) -> Result<(), Stop> {
         let t = now();
         let base = self.base();
-        let cur = self.g.next_cron_interval.max(base);
+        // a stored interval or a configured cap beyond MAX_SECS is held to it, so that the
+        // doubling and the jitter below cannot overflow
+        let cur = self.g.next_cron_interval.max(base).min(MAX_SECS);
         let (interval, next) = match s {
             Sched::Reset => (base, t + secs(base)),
             Sched::Keep => (cur, t + secs(cur)),
             Sched::Backoff => {
-                let i = (cur.saturating_mul(2)).min(self.co.settings.retry_max_interval.max(base));
+                let i = (cur.saturating_mul(2))
+                    .min(self.co.settings.retry_max_interval.max(base))
+                    .min(MAX_SECS);
                 let jitter_ms = rand::rng().random_range(0..=(i * 100).max(1));
                 (i, t + secs(i) + chrono::Duration::milliseconds(jitter_ms))
             }
