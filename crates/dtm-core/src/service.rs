@@ -55,11 +55,12 @@ pub(crate) fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
-/// The longest span any schedule uses: 100 years. A request's options may carry any
-/// int64 (dtm accepts them all); a transaction retried or timing out after 100 years
-/// never does in practice, and the cap keeps every date computed from the options
-/// representable in every store.
-pub(crate) const MAX_SECS: i64 = 100 * 365 * 86_400;
+/// The longest span any schedule uses: 2^31−1 seconds (68 years), the widest interval
+/// the `next_cron_interval` column of dtm's SQL schema holds. A request's options may
+/// carry any int64 (dtm accepts them all); a transaction retried or timing out after 68
+/// years never does in practice, and the cap keeps every date computed from the options
+/// representable, and the same, in every store.
+pub(crate) const MAX_SECS: i64 = i32::MAX as i64;
 
 /// `n` seconds, capped at ±[`MAX_SECS`]: adding it to a date of this era cannot overflow.
 pub(crate) fn secs(n: i64) -> ChronoDuration {

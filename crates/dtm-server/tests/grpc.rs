@@ -364,7 +364,7 @@ async fn saga_grpc_committed_ongoing() -> R {
     Ok(())
 }
 
-/// The largest request_timeout a client can send is held to 100 years before it reaches
+/// The largest request_timeout a client can send is held to 68 years before it reaches
 /// the gRPC client, which refuses a deadline beyond 11,000 years.
 #[tokio::test]
 async fn saga_grpc_extreme_request_timeout() -> R {
