@@ -46,6 +46,24 @@ case $compat in
   3) echo "compat-python: SKIPPED, dtmcli could not be installed" ;;
   *) echo "test result: FAILED. $ok passed; $((bad > 0 ? bad : 1)) failed (compat-python)" >>"$log"; status=1 ;;
 esac
+# bad input: random and mutated requests to every route and to JSON-RPC must never get a
+# 5xx, lose their connection or panic the server (two fixed seeds, embedded store)
+echo "=== bad-input fuzz (scripts/fuzz-api.py) ==="
+fuzz_ok=0
+fuzz_bad=0
+for seed in 1 2; do
+  if python3 scripts/fuzz-api.py --dtm target/debug/dtm --seed "$seed" --requests 3000; then
+    fuzz_ok=$((fuzz_ok + 1))
+  else
+    fuzz_bad=$((fuzz_bad + 1))
+  fi
+done
+if [ "$fuzz_bad" -eq 0 ]; then
+  echo "test result: ok. $fuzz_ok passed; 0 failed (fuzz-api)" >>"$log"
+else
+  echo "test result: FAILED. $fuzz_ok passed; $fuzz_bad failed (fuzz-api)" >>"$log"
+  status=1
+fi
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 rm -f "$log"
