@@ -155,8 +155,8 @@ fn limit_of(args: &Args, secs: f64) -> Limit {
 #[derive(Default)]
 struct Acc {
     out: load::PhaseOut,
-    delta: procfs::Delta,
-    slices: u32,
+    /// None before the first slice
+    delta: Option<procfs::Delta>,
     /// each slice's transactions per second
     slice_tps: Vec<f64>,
 }
@@ -192,12 +192,10 @@ impl Acc {
         .await?;
         let b = procfs::Snap::take(pid);
         let d = procfs::Delta::between(&a, &b);
-        self.delta = if self.slices == 0 {
-            d
-        } else {
-            self.delta.add(&d)
-        };
-        self.slices += 1;
+        self.delta = Some(match self.delta {
+            Some(sum) => sum.add(&d),
+            None => d,
+        });
         self.slice_tps.push(stats::ratio(out.ok as f64, out.wall));
         let o = &mut self.out;
         o.lat_us.extend(out.lat_us);
@@ -222,7 +220,7 @@ impl Acc {
         rate: Option<f64>,
     ) -> (Row, Vec<String>) {
         let out = &mut self.out;
-        let cpu = self.delta.cpu(out.wall);
+        let cpu = self.delta.unwrap_or_default().cpu(out.wall);
         let lat = stats::summarize(&mut out.lat_us);
         let rss = server.pid.as_deref().and_then(procfs::rss);
         let name = match (tag, rate) {
@@ -245,7 +243,6 @@ impl Acc {
                 rss,
                 settle: None,
                 verify: None,
-                slices: self.slices,
                 slice_tps: std::mem::take(&mut self.slice_tps),
             },
             std::mem::take(&mut out.gids),

@@ -22,15 +22,19 @@ pub struct Row {
     /// asynchronous modes: seconds after the phase until every transaction was final
     pub settle: Option<f64>,
     pub verify: Option<Verdict>,
-    /// how many separately timed slices the row adds up (1: one stretch)
-    pub slices: u32,
-    /// each slice's transactions per second (in the order they ran)
+    /// each separately timed slice's transactions per second, in the order they ran
+    /// (one entry: one stretch)
     pub slice_tps: Vec<f64>,
 }
 
 impl Row {
     pub fn tps(&self) -> f64 {
         ratio(self.ok as f64, self.wall)
+    }
+
+    /// How many slices the row adds up.
+    pub fn slices(&self) -> usize {
+        self.slice_tps.len()
     }
 
     /// server CPU microseconds per transaction
@@ -72,15 +76,19 @@ pub fn headline_kind(modes: &[Kind]) -> Option<Kind> {
         .or_else(|| modes.first().copied())
 }
 
-/// The row the headline numbers come from: the first saga mode, else the first mode.
+/// The row the headline numbers come from: that of [`headline_kind`] at full load (a
+/// `--rate` run has only paced rows: then its first).
 pub fn headline(rows: &[Row]) -> Option<&Row> {
-    rows.iter()
-        .find(|r| r.kind == Kind::SagaWait && !r.name.contains('@'))
-        .or_else(|| {
-            rows.iter()
-                .find(|r| r.kind == Kind::Saga && !r.name.contains('@'))
-        })
-        .or_else(|| rows.iter().find(|r| r.kind != Kind::Baseline))
+    let kinds: Vec<Kind> = rows
+        .iter()
+        .map(|r| r.kind)
+        .filter(|k| *k != Kind::Baseline)
+        .collect();
+    let k = headline_kind(&kinds)?;
+    let of_kind = || rows.iter().filter(move |r| r.kind == k);
+    of_kind()
+        .find(|r| !r.name.contains('@'))
+        .or_else(|| of_kind().next())
 }
 
 pub fn baseline(rows: &[Row]) -> Option<&Row> {
@@ -166,13 +174,14 @@ pub fn table(rows: &[Row], args: &Args) -> String {
             b.tps(),
             ratio(h.tps(), b.tps())
         ));
-        if h.slices > 1 && b.slices == h.slices {
+        if h.slices() > 1 && b.slices() == h.slices() {
             let rs = slice_ratios(h, b);
+            let n = h.slices() as f64;
             s.push_str(&format!(
                 "(both measured in {} alternating slices, {:.1}s and {:.1}s each; R per slice pair: {})\n",
-                h.slices,
-                h.wall / f64::from(h.slices),
-                b.wall / f64::from(b.slices),
+                h.slices(),
+                h.wall / n,
+                b.wall / n,
                 rs.iter()
                     .map(|r| format!("{r:.3}"))
                     .collect::<Vec<_>>()
@@ -254,10 +263,10 @@ pub fn throughput_json(rows: &[Row], args: &Args, ok: bool) -> String {
         .text("durability", &durability(args))
         .int("concurrency", args.concurrency as u64)
         .num("seconds", h.map(|r| r.wall).unwrap_or(0.0), 2)
-        .int("slices", h.map(|r| u64::from(r.slices)).unwrap_or(0))
+        .int("slices", h.map(|r| r.slices() as u64).unwrap_or(0))
         .bool("ok", ok);
     if let (Some(h), Some(b)) = (h, b)
-        && h.slices > 1
+        && h.slices() > 1
     {
         let rs: Vec<Value> = slice_ratios(h, b)
             .into_iter()
@@ -414,8 +423,7 @@ mod tests {
             cpu: CpuUse::default(),
             rss: None,
             settle: None,
-            slices: 1,
-            slice_tps: vec![],
+            slice_tps: vec![ok as f64 / wall],
             verify: (kind != Kind::Baseline).then(|| Verdict {
                 succeeded: ok,
                 ..Default::default()
@@ -462,8 +470,6 @@ mod tests {
     fn r_per_slice_pair() {
         let mut h = row("saga-wait", Kind::SagaWait, 3000, 3.0);
         let mut b = row("baseline", Kind::Baseline, 6000, 3.0);
-        h.slices = 3;
-        b.slices = 3;
         h.slice_tps = vec![1000.0, 900.0, 1100.0];
         b.slice_tps = vec![2000.0, 3000.0, 1000.0];
         assert_eq!(slice_ratios(&h, &b), vec![0.5, 0.3, 1.1]);
@@ -480,5 +486,29 @@ mod tests {
                 .unwrap_or_default();
         assert_eq!(j["slice_ratios"], serde_json::json!([0.5, 0.3, 1.1]));
         assert_eq!(j["slices"], 3);
+    }
+
+    #[test]
+    fn headline_row_is_the_headline_kind_at_full_load() {
+        let name_of = |rows: &[Row]| headline(rows).map(|r| r.name.clone());
+        let rows = vec![
+            row("msg", Kind::Msg, 10, 1.0),
+            row("saga-wait@half", Kind::SagaWait, 10, 1.0),
+            row("saga-wait", Kind::SagaWait, 10, 1.0),
+            row("baseline", Kind::Baseline, 10, 1.0),
+        ];
+        assert_eq!(name_of(&rows).as_deref(), Some("saga-wait"));
+        // a paced run has only paced rows
+        let rows = vec![
+            row("saga-wait@900/s", Kind::SagaWait, 10, 1.0),
+            row("baseline", Kind::Baseline, 10, 1.0),
+        ];
+        assert_eq!(name_of(&rows).as_deref(), Some("saga-wait@900/s"));
+        let rows = vec![
+            row("tcc", Kind::Tcc, 10, 1.0),
+            row("msg", Kind::Msg, 10, 1.0),
+        ];
+        assert_eq!(name_of(&rows).as_deref(), Some("tcc"));
+        assert!(headline(&[row("baseline", Kind::Baseline, 10, 1.0)]).is_none());
     }
 }
