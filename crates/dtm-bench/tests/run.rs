@@ -4,30 +4,26 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-fn dtm_bin() -> Option<PathBuf> {
+/// The `dtm` binary next to the bench's (the workspace's `cargo test` and
+/// `scripts/test.sh` build it; `cargo test -p dtm-bench` alone does not).
+fn dtm_bin() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_dtm-bench")).with_file_name("dtm");
-    p.is_file().then_some(p)
+    assert!(
+        p.is_file(),
+        "{} not found: build the server first (cargo build -p dtm-server)",
+        p.display()
+    );
+    p
 }
 
-/// The scenario suites run once per backend; this one only needs the embedded store.
-fn embedded_run() -> bool {
-    std::env::var("DTM_TEST_STORE").map_or(true, |s| s == "sqlite")
-}
-
-/// Run the bench with `args` plus `--json --dtm <debug dtm>`: (stdout, stderr, the JSON
-/// line), after checking that it exited 0. None when this run should skip.
-fn bench(args: &[&str]) -> Option<(String, String, serde_json::Value)> {
-    if !embedded_run() {
-        return None;
-    }
-    let Some(dtm) = dtm_bin() else {
-        eprintln!("skipped: build the server first (cargo build --workspace)");
-        return None;
-    };
+/// Run the bench (which starts its own server on the embedded store, whatever
+/// DTM_TEST_STORE says) with `args` plus `--json --dtm <debug dtm>`: (stdout, stderr,
+/// the JSON line), after checking that it exited 0.
+fn bench(args: &[&str]) -> (String, String, serde_json::Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_dtm-bench"))
         .args(args)
         .args(["--json", "--dtm"])
-        .arg(&dtm)
+        .arg(dtm_bin())
         .output()
         .unwrap_or_else(|e| panic!("running dtm-bench: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -36,7 +32,7 @@ fn bench(args: &[&str]) -> Option<(String, String, serde_json::Value)> {
     let last = stdout.lines().last().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(last)
         .unwrap_or_else(|e| panic!("no JSON on the last line ({e}):\n{stdout}"));
-    Some((stdout, stderr, v))
+    (stdout, stderr, v)
 }
 
 #[test]
@@ -51,9 +47,7 @@ fn sliced_run_verifies_and_reports_both_sides() {
         "-c",
         "4",
     ];
-    let Some((stdout, stderr, v)) = bench(&args) else {
-        return;
-    };
+    let (stdout, stderr, v) = bench(&args);
     assert!(
         stderr.contains("measuring in 3 alternating slices of 0.4s and 0.4s"),
         "{stderr}"
@@ -95,9 +89,7 @@ fn one_slice_keeps_the_old_order() {
         "-c",
         "2",
     ];
-    let Some((stdout, stderr, v)) = bench(&args) else {
-        return;
-    };
+    let (stdout, stderr, v) = bench(&args);
     assert!(stderr.contains("saga-wait: measuring 0.5s"), "{stderr}");
     assert!(!stdout.contains("alternating"), "{stdout}");
     let last = v.to_string();
