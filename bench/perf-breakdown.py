@@ -28,7 +28,7 @@ RULES = [
     ("request JSON decoding", lambda s: re.search(r"from_json|serde_json::de", s)),
     ("response/other JSON encoding", lambda s: re.search(r"serde_json::ser|to_string", s)),
     ("engine (dtm_core, excluding the above)", lambda s: "dtm_core" in s),
-    ("HTTP server (hyper/axum, sockets)", lambda s: re.search(r"hyper::proto|axum::serve|handle_connection|axum::", s)),
+    ("HTTP server (h1_server, hyper/axum, sockets)", lambda s: re.search(r"h1_server|hyper::proto|axum::serve|handle_connection|axum::", s)),
     ("tokio scheduler, timers, wake-ups", lambda s: re.search(r"tokio::runtime|futex|schedule", s)),
 ]
 

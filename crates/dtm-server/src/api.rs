@@ -30,47 +30,61 @@ type Q = Query<HashMap<String, String>>;
 
 const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
 
+/// What an API call answers: a status and a JSON body. The axum routes turn it into a
+/// response (`IntoResponse`); the hot-path server (`http.rs`) writes it straight to the
+/// connection.
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            [(axum::http::header::CONTENT_TYPE, JSON_CONTENT_TYPE)],
+            self.body,
+        )
+            .into_response()
+    }
+}
+
 /// A JSON answer. The value is written with `serde_json::to_vec`, not `to_string`: the
 /// `Display` route goes through `fmt::Write` a token at a time, which made a `query`
 /// answer cost several times its encoding.
-fn json_response(status: StatusCode, v: Value) -> Response {
+fn json_response(status: StatusCode, v: Value) -> Answer {
     json_answer(status, &v)
 }
 
 /// A JSON answer written straight from a serializable value, with no `Value` in between.
-pub(crate) fn json_answer<T: serde::Serialize + ?Sized>(status: StatusCode, v: &T) -> Response {
-    let body = match serde_json::to_vec(v) {
-        Ok(b) => b,
+pub(crate) fn json_answer<T: serde::Serialize + ?Sized>(status: StatusCode, v: &T) -> Answer {
+    match serde_json::to_vec(v) {
+        Ok(b) => Answer {
+            status,
+            body: Bytes::from(b),
+        },
         // The answers are plain data (strings, numbers, string-keyed maps) and always
         // encode; should one not, the client still gets valid JSON and a clear status.
         Err(e) => {
             tracing::error!("encoding a JSON answer failed: {e}");
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                [(axum::http::header::CONTENT_TYPE, JSON_CONTENT_TYPE)],
-                r#"{"dtm_result":"FAILURE","message":"the server could not encode its answer"}"#,
-            )
-                .into_response();
+            Answer {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                body: Bytes::from_static(
+                    br#"{"dtm_result":"FAILURE","message":"the server could not encode its answer"}"#,
+                ),
+            }
         }
-    };
-    (
-        status,
-        [(axum::http::header::CONTENT_TYPE, JSON_CONTENT_TYPE)],
-        body,
-    )
-        .into_response()
+    }
 }
 
-fn success() -> Response {
-    (
-        StatusCode::OK,
-        [(axum::http::header::CONTENT_TYPE, JSON_CONTENT_TYPE)],
-        r#"{"dtm_result":"SUCCESS"}"#,
-    )
-        .into_response()
+fn success() -> Answer {
+    Answer {
+        status: StatusCode::OK,
+        body: Bytes::from_static(br#"{"dtm_result":"SUCCESS"}"#),
+    }
 }
 
-fn error_response(e: &ApiError) -> Response {
+fn error_response(e: &ApiError) -> Answer {
     match e {
         ApiError::Failure(m) => json_response(
             StatusCode::CONFLICT,
@@ -94,7 +108,7 @@ fn error_response(e: &ApiError) -> Response {
     }
 }
 
-fn reply(r: Result<Response, ApiError>) -> Response {
+fn reply(r: Result<Answer, ApiError>) -> Answer {
     r.unwrap_or_else(|e| error_response(&e))
 }
 
@@ -175,33 +189,30 @@ fn ms_time(
     }
 }
 
-async fn new_gid(State(s): State<AppState>) -> Response {
+async fn new_gid(State(s): State<AppState>) -> Answer {
     json_response(
         StatusCode::OK,
         json!({"gid": s.co.new_gid(), "dtm_result": "SUCCESS"}),
     )
 }
 
-async fn version() -> Response {
+async fn version() -> Answer {
     json_response(StatusCode::OK, json!({"version": crate::VERSION}))
 }
 
-async fn prepare(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn prepare(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Answer {
     reply(async { s.co.prepare(trans_req(body)?).await.map(|_| success()) }.await)
 }
 
-async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Answer {
     reply(async { s.co.submit(trans_req(body)?).await.map(|_| success()) }.await)
 }
 
-async fn abort(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn abort(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Answer {
     reply(async { s.co.abort(trans_req(body)?).await.map(|_| success()) }.await)
 }
 
-async fn register_branch(
-    State(s): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn register_branch(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Answer {
     reply(
         async {
             let req = RegisterBranchRequest::from_json(&body_json(body)?)
@@ -215,7 +226,7 @@ async fn register_branch(
 async fn prepare_workflow(
     State(s): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
+) -> Answer {
     reply(
         async {
             let r = s.co.prepare_workflow(trans_req(body)?).await?;
@@ -228,7 +239,64 @@ async fn prepare_workflow(
     )
 }
 
-async fn query(State(s): State<AppState>, Query(q): Q) -> Response {
+/// The calls the hot-path server (`http.rs`) answers itself: POSTs whose answer depends
+/// on the body alone, the ones every saga, msg and tcc transaction makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hot {
+    Prepare,
+    Submit,
+    Abort,
+    RegisterBranch,
+    RegisterTccBranch,
+    RegisterXaBranch,
+}
+
+impl Hot {
+    /// The call a request path (without its query) names, if it is one of these.
+    pub fn from_path(path: &str) -> Option<Hot> {
+        Some(match path.strip_prefix(API)? {
+            "/prepare" => Hot::Prepare,
+            "/submit" => Hot::Submit,
+            "/abort" => Hot::Abort,
+            "/registerBranch" => Hot::RegisterBranch,
+            "/registerTccBranch" => Hot::RegisterTccBranch,
+            "/registerXaBranch" => Hot::RegisterXaBranch,
+            _ => return None,
+        })
+    }
+
+    /// The label the request metrics count it under (the route's last segment, as for
+    /// the routes the axum router serves).
+    fn label(self) -> &'static str {
+        match self {
+            Hot::Prepare => "prepare",
+            Hot::Submit => "submit",
+            Hot::Abort => "abort",
+            Hot::RegisterBranch => "registerBranch",
+            Hot::RegisterTccBranch => "registerTccBranch",
+            Hot::RegisterXaBranch => "registerXaBranch",
+        }
+    }
+}
+
+/// Answer a hot call from its body (at most the configured body limit), through the same
+/// handler the router uses, and count it as the router's middleware does.
+pub async fn hot_call(s: &AppState, hot: Hot, body: Bytes) -> Answer {
+    let st = State(s.clone());
+    let a = match hot {
+        Hot::Prepare => prepare(st, Ok(body)).await,
+        Hot::Submit => submit(st, Ok(body)).await,
+        Hot::Abort => abort(st, Ok(body)).await,
+        Hot::RegisterBranch | Hot::RegisterTccBranch | Hot::RegisterXaBranch => {
+            register_branch(st, Ok(body)).await
+        }
+    };
+    s.metrics
+        .count_request(hot.label(), a.status.as_u16() < 400);
+    a
+}
+
+async fn query(State(s): State<AppState>, Query(q): Q) -> Answer {
     reply(
         async {
             let gid = q.get("gid").cloned().unwrap_or_default();
@@ -250,7 +318,7 @@ async fn query(State(s): State<AppState>, Query(q): Q) -> Response {
     )
 }
 
-async fn all(State(s): State<AppState>, Query(q): Q) -> Response {
+async fn all(State(s): State<AppState>, Query(q): Q) -> Answer {
     reply(
         async {
             let get = |k: &str| q.get(k).cloned().unwrap_or_default();
@@ -272,14 +340,14 @@ async fn all(State(s): State<AppState>, Query(q): Q) -> Response {
     )
 }
 
-async fn force_stop(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn force_stop(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Answer {
     reply(async { s.co.force_stop(&gid_of(body)?).await.map(|_| success()) }.await)
 }
 
 async fn reset_next_cron_time(
     State(s): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
+) -> Answer {
     reply(
         async {
             s.co.reset_next_cron_time(&gid_of(body)?)
@@ -290,7 +358,7 @@ async fn reset_next_cron_time(
     )
 }
 
-async fn reset_cron_time(State(s): State<AppState>, Query(q): Q) -> Response {
+async fn reset_cron_time(State(s): State<AppState>, Query(q): Q) -> Answer {
     reply(
         async {
             let timeout = match q.get("timeout").map(String::as_str) {
@@ -309,7 +377,7 @@ async fn reset_cron_time(State(s): State<AppState>, Query(q): Q) -> Response {
     )
 }
 
-async fn subscribe(State(s): State<AppState>, Query(q): Q) -> Response {
+async fn subscribe(State(s): State<AppState>, Query(q): Q) -> Answer {
     let get = |k: &str| q.get(k).cloned().unwrap_or_default();
     reply(
         s.co.subscribe(&get("topic"), &get("url"), &get("remark"))
@@ -318,7 +386,7 @@ async fn subscribe(State(s): State<AppState>, Query(q): Q) -> Response {
     )
 }
 
-async fn unsubscribe(State(s): State<AppState>, Query(q): Q) -> Response {
+async fn unsubscribe(State(s): State<AppState>, Query(q): Q) -> Answer {
     let get = |k: &str| q.get(k).cloned().unwrap_or_default();
     reply(
         s.co.unsubscribe(&get("topic"), &get("url"))
@@ -327,11 +395,11 @@ async fn unsubscribe(State(s): State<AppState>, Query(q): Q) -> Response {
     )
 }
 
-async fn delete_topic(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+async fn delete_topic(State(s): State<AppState>, Path(name): Path<String>) -> Answer {
     reply(s.co.delete_topic(&name).await.map(|_| success()))
 }
 
-async fn scan_kv(State(s): State<AppState>, Query(q): Q) -> Response {
+async fn scan_kv(State(s): State<AppState>, Query(q): Q) -> Answer {
     reply(
         async {
             let get = |k: &str| q.get(k).cloned().unwrap_or_default();
@@ -347,7 +415,7 @@ async fn scan_kv(State(s): State<AppState>, Query(q): Q) -> Response {
     )
 }
 
-async fn query_kv(State(s): State<AppState>, Query(q): Q) -> Response {
+async fn query_kv(State(s): State<AppState>, Query(q): Q) -> Answer {
     reply(
         async {
             let get = |k: &str| q.get(k).cloned().unwrap_or_default();
@@ -358,7 +426,7 @@ async fn query_kv(State(s): State<AppState>, Query(q): Q) -> Response {
     )
 }
 
-async fn ping() -> Response {
+async fn ping() -> Answer {
     json_response(StatusCode::OK, json!({"msg": "pong"}))
 }
 
@@ -374,7 +442,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn not_found(uri: axum::http::Uri) -> Response {
+async fn not_found(uri: axum::http::Uri) -> Answer {
     json_response(
         StatusCode::NOT_FOUND,
         json!({"message": format!("no route {}: the dtm API lives under /api/dtmsvr", uri.path())}),
@@ -383,7 +451,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
 
 /// A method the route does not take (405; the `Allow` header, which axum adds, lists
 /// the methods it takes).
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Answer {
     json_response(
         StatusCode::METHOD_NOT_ALLOWED,
         json!({"message": format!("{method} is not allowed on {}: send it with one of the methods in the Allow header", uri.path())}),

@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use dtm_core::ApiError;
 use dtm_proto::{RegisterBranchRequest, TransRequest};
 use serde_json::{Value, json};
@@ -38,7 +38,7 @@ fn answer(id: Value, error: Option<(i64, String)>, result: Value) -> Response {
         None => Value::Null,
     };
     let body = json!({"jsonrpc": "2.0", "id": id, "error": error, "result": result});
-    crate::api::json_answer(StatusCode::OK, &body)
+    crate::api::json_answer(StatusCode::OK, &body).into_response()
 }
 
 fn code_of(e: &ApiError) -> i64 {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod grpc;
 pub mod grpc_caller;
 pub mod h1;
+pub mod h1_server;
 pub mod jrpc;
 pub mod metrics;
 pub mod redis_config;
@@ -177,25 +178,15 @@ impl Server {
             metrics: Arc::clone(&metrics),
             timeout_to_fail,
         };
-        let app = api::router(state, opts.max_body);
+        let app = api::router(state.clone(), opts.max_body);
         let http_addr = listener.local_addr()?;
-        let mut http_stop = stop_rx.clone();
-        let http = tokio::spawn(async move {
-            // answers go out at once, as from dtm (Go sets TCP_NODELAY on every socket)
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
-                }
-            });
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!("HTTP server failed: {e}");
-            }
-        });
+        let http = tokio::spawn(h1_server::serve(
+            listener,
+            app,
+            state,
+            opts.max_body,
+            stop_rx.clone(),
+        ));
         let (grpc_addr, grpc) = match grpc_listener {
             Some(l) => {
                 let addr = l.local_addr()?;
