@@ -16,8 +16,10 @@
 //!
 //! Keep-alive and pipelining: requests on a connection are answered in order; a request
 //! with `Connection: close` gets its answer with `connection: close`, then the
-//! connection closes. At shutdown no connection is accepted any more, an idle one closes,
-//! one in a request closes after its answer, and `serve` returns when all are gone.
+//! connection closes. At shutdown no connection is accepted any more, an idle one (or one
+//! whose request head is not complete) closes, one in a request closes after its answer,
+//! and `serve` returns when all are gone (`Server::shutdown` waits for that a bounded
+//! time).
 
 use std::cell::RefCell;
 use std::io;
@@ -202,8 +204,14 @@ async fn connection(mut io: TcpStream, sh: Arc<Shared>, mut stop: watch::Receive
             Parsed::Hot(req) => req,
             Parsed::Other => return handoff(io, buf, &sh, stop).await,
             Parsed::Partial => {
+                // a head not all there yet is not a request in progress: a shutdown
+                // closes the connection here too
                 buf.reserve(READ_CHUNK);
-                if !matches!(io.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                let read = tokio::select! {
+                    r = io.read_buf(&mut buf) => r,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                if !matches!(read, Ok(n) if n > 0) {
                     return;
                 }
                 continue;

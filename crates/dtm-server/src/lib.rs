@@ -217,10 +217,21 @@ impl Server {
         })
     }
 
-    /// Stop taking requests, let running passes finish (up to `grace`), flush the store.
+    /// Stop taking requests, let HTTP requests in progress and running passes finish (up
+    /// to `grace` each), flush the store.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop.send(true);
-        let _ = self.http.await;
+        // HTTP requests in progress get `grace` to be answered; a client that stalls in
+        // the middle of sending one does not hold the shutdown. Connections still open
+        // then end with the runtime; what their requests wrote is durable, and recovery
+        // finishes their transactions.
+        let mut http = self.http;
+        if tokio::time::timeout(grace, &mut http).await.is_err() {
+            tracing::warn!(
+                "HTTP requests still in progress after {grace:?}; stopping without them"
+            );
+            http.abort();
+        }
         if let Some(g) = self.grpc {
             let _ = g.await;
         }

@@ -311,7 +311,7 @@ async fn framing_the_loop_leaves_to_hyper() -> R {
 }
 
 #[tokio::test]
-async fn shutdown_closes_idle_connections_and_returns() -> R {
+async fn shutdown_closes_idle_connections_and_returns_in_its_grace() -> R {
     let s = TestServer::start().await?;
     let gid = format!("wire-stop-{}", std::process::id());
     // one idle connection after a hot call, one after a call hyper answered
@@ -321,6 +321,17 @@ async fn shutdown_closes_idle_connections_and_returns() -> R {
     let mut other = Conn::open(&s).await?;
     other.send(&get("version")).await?;
     assert_eq!(other.answer().await?.code, 200);
+    // one stalled in a request head, one stalled in a body: neither holds the shutdown
+    // longer than its grace
+    let mut half_head = Conn::open(&s).await?;
+    half_head
+        .send(b"POST /api/dtmsvr/prepare HTTP/1.1\r\nhost: dtm\r\ncontent-le")
+        .await?;
+    let mut half_body = Conn::open(&s).await?;
+    half_body
+        .send(b"POST /api/dtmsvr/prepare HTTP/1.1\r\ncontent-length: 100\r\n\r\n{\"gid\":")
+        .await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
 
     let TestServer { server, .. } = s;
     tokio::time::timeout(
@@ -328,10 +339,14 @@ async fn shutdown_closes_idle_connections_and_returns() -> R {
         server.shutdown(Duration::from_secs(1)),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("shutdown waited on idle connections"))?;
+    .map_err(|_| anyhow::anyhow!("shutdown did not return within its grace"))?;
     assert!(
         hot.closed().await?,
         "the idle hot-path connection stayed open"
+    );
+    assert!(
+        half_head.closed().await?,
+        "the connection in a request head stayed open"
     );
     assert!(
         other.closed().await?,
