@@ -186,26 +186,15 @@ async fn connection(mut io: TcpStream, sh: Arc<Shared>, mut stop: watch::Receive
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out: Vec<u8> = Vec::with_capacity(256);
     loop {
-        if buf.is_empty() {
-            // idle between requests: this is where a shutdown closes the connection
-            if *stop.borrow() {
-                return;
-            }
-            buf.reserve(READ_CHUNK);
-            let read = tokio::select! {
-                r = io.read_buf(&mut buf) => r,
-                _ = stop.wait_for(|s| *s) => return,
-            };
-            if !matches!(read, Ok(n) if n > 0) {
-                return;
-            }
-        }
         let req = match parse(&buf, sh.max_body) {
             Parsed::Hot(req) => req,
             Parsed::Other => return handoff(io, buf, &sh, stop).await,
+            // no complete head yet, or no bytes at all (idle between requests): no request
+            // is in progress, so this is where a shutdown closes the connection
             Parsed::Partial => {
-                // a head not all there yet is not a request in progress: a shutdown
-                // closes the connection here too
+                if *stop.borrow() {
+                    return;
+                }
                 buf.reserve(READ_CHUNK);
                 let read = tokio::select! {
                     r = io.read_buf(&mut buf) => r,
