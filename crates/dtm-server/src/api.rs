@@ -28,10 +28,10 @@ pub struct AppState {
 
 type Q = Query<HashMap<String, String>>;
 
-const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
+pub(crate) const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
 
 /// What an API call answers: a status and a JSON body. The axum routes turn it into a
-/// response (`IntoResponse`); the hot-path server (`http.rs`) writes it straight to the
+/// response (`IntoResponse`); the hot-path loop (`h1_server.rs`) writes it straight to the
 /// connection.
 pub struct Answer {
     pub status: StatusCode,
@@ -239,7 +239,7 @@ async fn prepare_workflow(
     )
 }
 
-/// The calls the hot-path server (`http.rs`) answers itself: POSTs whose answer depends
+/// The calls the hot-path loop (`h1_server.rs`) answers itself: POSTs whose answer depends
 /// on the body alone, the ones every saga, msg and tcc transaction makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hot {
@@ -252,30 +252,31 @@ pub enum Hot {
 }
 
 impl Hot {
-    /// The call a request path (without its query) names, if it is one of these.
-    pub fn from_path(path: &str) -> Option<Hot> {
-        Some(match path.strip_prefix(API)? {
-            "/prepare" => Hot::Prepare,
-            "/submit" => Hot::Submit,
-            "/abort" => Hot::Abort,
-            "/registerBranch" => Hot::RegisterBranch,
-            "/registerTccBranch" => Hot::RegisterTccBranch,
-            "/registerXaBranch" => Hot::RegisterXaBranch,
-            _ => return None,
-        })
+    const ALL: [Hot; 6] = [
+        Hot::Prepare,
+        Hot::Submit,
+        Hot::Abort,
+        Hot::RegisterBranch,
+        Hot::RegisterTccBranch,
+        Hot::RegisterXaBranch,
+    ];
+
+    /// Its route under `API`, as `router` registers it.
+    fn route(self) -> &'static str {
+        match self {
+            Hot::Prepare => "/prepare",
+            Hot::Submit => "/submit",
+            Hot::Abort => "/abort",
+            Hot::RegisterBranch => "/registerBranch",
+            Hot::RegisterTccBranch => "/registerTccBranch",
+            Hot::RegisterXaBranch => "/registerXaBranch",
+        }
     }
 
-    /// The label the request metrics count it under (the route's last segment, as for
-    /// the routes the axum router serves).
-    fn label(self) -> &'static str {
-        match self {
-            Hot::Prepare => "prepare",
-            Hot::Submit => "submit",
-            Hot::Abort => "abort",
-            Hot::RegisterBranch => "registerBranch",
-            Hot::RegisterTccBranch => "registerTccBranch",
-            Hot::RegisterXaBranch => "registerXaBranch",
-        }
+    /// The call a request path (without its query) names, if it is one of these.
+    pub fn from_path(path: &str) -> Option<Hot> {
+        let route = path.strip_prefix(API)?;
+        Hot::ALL.into_iter().find(|h| h.route() == route)
     }
 }
 
@@ -291,8 +292,9 @@ pub async fn hot_call(s: &AppState, hot: Hot, body: Bytes) -> Answer {
             register_branch(st, Ok(body)).await
         }
     };
+    // the label `count` gives a route: its last segment
     s.metrics
-        .count_request(hot.label(), a.status.as_u16() < 400);
+        .count_request(&hot.route()[1..], a.status.as_u16() < 400);
     a
 }
 
@@ -491,12 +493,12 @@ pub fn router(state: AppState, max_body: usize) -> Router {
     let api: [(&str, axum::routing::MethodRouter<AppState>); 19] = [
         ("/newGid", get(new_gid).post(new_gid)),
         ("/version", get(version)),
-        ("/prepare", post(prepare)),
-        ("/submit", post(submit)),
-        ("/abort", post(abort)),
-        ("/registerBranch", post(register_branch)),
-        ("/registerTccBranch", post(register_branch)),
-        ("/registerXaBranch", post(register_branch)),
+        (Hot::Prepare.route(), post(prepare)),
+        (Hot::Submit.route(), post(submit)),
+        (Hot::Abort.route(), post(abort)),
+        (Hot::RegisterBranch.route(), post(register_branch)),
+        (Hot::RegisterTccBranch.route(), post(register_branch)),
+        (Hot::RegisterXaBranch.route(), post(register_branch)),
         ("/prepareWorkflow", post(prepare_workflow)),
         ("/query", get(query)),
         ("/all", get(all)),

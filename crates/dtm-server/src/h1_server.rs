@@ -22,7 +22,7 @@
 //! time).
 
 use std::cell::RefCell;
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -236,9 +236,12 @@ fn write_head(out: &mut Vec<u8>, status: StatusCode, len: usize, close: bool) {
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: ");
-    out.extend_from_slice(len.to_string().as_bytes());
-    out.extend_from_slice(b"\r\ndate: ");
+    // writing to a Vec cannot fail
+    let _ = write!(
+        out,
+        "\r\ncontent-type: {}\r\ncontent-length: {len}\r\ndate: ",
+        api::JSON_CONTENT_TYPE
+    );
     push_date(out);
     if close {
         out.extend_from_slice(b"\r\nconnection: close");
