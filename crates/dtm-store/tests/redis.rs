@@ -223,13 +223,35 @@ async fn retention(hosts: String) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let keep = ttl_of(&hosts, &format!("{prefix}*:keep")).await;
-    assert_eq!(keep, vec![-1; 3], "unfinished: 3 keys, no TTL");
+    assert_eq!(
+        keep,
+        vec![-1; 2],
+        "unfinished: 2 keys (global, branches), no TTL"
+    );
+    // a branch added after the finish expires with the transaction
+    let mut late = branch("done");
+    late.branch_id = "02".into();
+    s.write(WriteOp::AddBranches {
+        gid: "done".into(),
+        expect_status: "succeed".into(),
+        branches: vec![late],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     let done = ttl_of(&hosts, &format!("{prefix}*:done")).await;
-    assert_eq!(done.len(), 3);
+    assert_eq!(done.len(), 2, "2 keys per transaction");
     assert!(
         done.iter().all(|t| (1..=2).contains(t)),
         "finished: TTL set, got {done:?}"
     );
+    let ids: Vec<String> = s
+        .find_branches("done")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|b| b.branch_id)
+        .collect();
+    assert_eq!(ids, ["01", "02"]);
     tokio::time::sleep(Duration::from_millis(2600)).await;
     assert!(
         s.find_global("done")
@@ -325,8 +347,183 @@ async fn retention(hosts: String) {
     purge(hosts, prefix).await;
 }
 
-/// A transaction whose global key vanished (evicted, deleted by hand) while its branch
-/// keys stayed: saving the gid again starts from no branches, not from the leftovers.
+/// Data of the layout before version 2 (branch states in a key of their own) is converted
+/// when a server of this version first opens the prefix: transactions, branches, due
+/// times and expiry all stay, and the old keys go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn earlier_layout_is_converted() {
+    let Some(hosts) = single_addr() else {
+        return;
+    };
+    let prefix = unique_prefix("v1");
+    let mut c = node_conns(&hosts).await.remove(0);
+    let tag = format!("{prefix}{{s0}}");
+    let now = Utc::now().timestamp_millis();
+    let mut p = redis::pipe();
+    p.cmd("SET").arg(format!("{prefix}shards")).arg(1).ignore();
+    for (gid, status) in [("old1", "submitted"), ("old2", "succeed")] {
+        p.cmd("HSET")
+            .arg(format!("{tag}g:{gid}"))
+            .arg(&[
+                ("gid", gid.to_string()),
+                ("trans_type", "saga".into()),
+                ("status", status.into()),
+                ("protocol", "http".into()),
+                ("create_time", now.to_string()),
+                ("update_time", now.to_string()),
+                ("next_cron_time", (now - 1000).to_string()),
+                ("id", "1024".into()),
+            ])
+            .ignore();
+        p.cmd("RPUSH")
+            .arg(format!("{tag}b:{gid}"))
+            .arg(r#"{"branch_id":"01","op":"compensate","url":"http://b/c"}"#)
+            .arg(r#"{"branch_id":"01","op":"action","url":"http://b/a","bin":"AAH/"}"#)
+            .ignore();
+        p.cmd("HSET")
+            .arg(format!("{tag}s:{gid}"))
+            .arg(r#"["01","compensate"]"#)
+            .arg("prepared||")
+            .arg(r#"["01","action"]"#)
+            .arg(format!("succeed|{now}|{now}"))
+            .ignore();
+        p.cmd("ZADD")
+            .arg(format!("{tag}all"))
+            .arg(now)
+            .arg(gid)
+            .ignore();
+    }
+    p.cmd("ZADD")
+        .arg(format!("{tag}due"))
+        .arg(now - 1000)
+        .arg("old1")
+        .ignore();
+    for k in ["g", "b", "s"] {
+        p.cmd("PEXPIRE")
+            .arg(format!("{tag}{k}:old2"))
+            .arg(100_000)
+            .ignore();
+    }
+    p.query_async::<()>(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let s = RedisStore::open(options(&hosts, &prefix)).unwrap_or_else(|e| panic!("{e}"));
+    let g = s
+        .find_global("old1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("old1 lost by the conversion"));
+    assert_eq!(
+        (g.status.as_str(), g.id, g.protocol.as_str()),
+        ("submitted", 1024, "http")
+    );
+    let bs = s
+        .find_branches("old1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got: Vec<(&str, &str, &str)> = bs
+        .iter()
+        .map(|b| (b.op.as_str(), b.url.as_str(), b.status.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("compensate", "http://b/c", "prepared"),
+            ("action", "http://b/a", "succeed")
+        ]
+    );
+    assert_eq!(bs[1].bin_data, vec![0, 1, 255]);
+    assert!(
+        s.find_global("old2")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_some()
+    );
+    let ttl = ttl_of(&hosts, &format!("{prefix}*:old2")).await;
+    assert!(
+        ttl.len() == 2 && ttl.iter().all(|t| (1..=100).contains(t)),
+        "the finished one keeps its expiry: {ttl:?}"
+    );
+    assert_eq!(
+        ttl_of(&hosts, &format!("{prefix}*:old1")).await,
+        vec![-1; 2]
+    );
+    for old in ["g", "s"] {
+        assert!(
+            keys_like(&hosts, &format!("{prefix}*{old}:old*"))
+                .await
+                .is_empty(),
+            "old {old}: keys are gone"
+        );
+    }
+    let layout: Option<String> = redis::cmd("GET")
+        .arg(format!("{prefix}layout"))
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(layout.as_deref(), Some("2"));
+    // recovery finds the due one and its branch updates land
+    let claimed = s
+        .write(WriteOp::ClaimDue {
+            now: Utc::now(),
+            limit: 10,
+            lease_until: Utc::now() + chrono::Duration::seconds(30),
+            owner: "n1".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let WriteOutcome::Claimed(rows) = claimed else {
+        panic!("expected claimed rows, got {claimed:?}");
+    };
+    let gids: Vec<&str> = rows.iter().map(|g| g.gid.as_str()).collect();
+    assert_eq!(gids, ["old1"]);
+    assert_eq!(rows[0].owner, "n1");
+    s.write(WriteOp::UpdateGlobal {
+        gid: "old1".into(),
+        expect_status: "submitted".into(),
+        expect_owner: Some("n1".into()),
+        set: GlobalUpdate {
+            update_time: Utc::now(),
+            ..Default::default()
+        },
+        branches: vec![dtm_core::store::BranchUpdate {
+            branch_id: "01".into(),
+            op: "compensate".into(),
+            status: "succeed".into(),
+            time: Utc::now(),
+        }],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let statuses: Vec<String> = s
+        .find_branches("old1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|b| b.status)
+        .collect();
+    assert_eq!(statuses, ["succeed", "succeed"]);
+    s.close().await;
+
+    // a layout this version does not know: a clear error, nothing touched
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}layout"))
+        .arg("3")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = RedisStore::open(options(&hosts, &prefix)).unwrap_or_else(|e| panic!("{e}"));
+    match s.find_global("old1").await {
+        Err(StoreError::Unavailable(m)) => assert!(m.contains("layout 3"), "{m}"),
+        other => panic!("expected a layout error, got {other:?}"),
+    }
+    s.close().await;
+    purge(hosts, prefix).await;
+}
+
+/// A transaction whose hash vanished (evicted, deleted by hand) while its branch list
+/// stayed: saving the gid again starts from no branches, not from the leftovers.
 async fn gid_saved_again_over_leftovers(hosts: String) {
     let prefix = unique_prefix("left");
     let s = RedisStore::open(options(&hosts, &prefix)).unwrap_or_else(|e| panic!("{e}"));
@@ -336,7 +533,7 @@ async fn gid_saved_again_over_leftovers(hosts: String) {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let globals = keys_like(&hosts, &format!("{prefix}*g:g1")).await;
+    let globals = keys_like(&hosts, &format!("{prefix}*t:g1")).await;
     assert_eq!(globals.len(), 1);
     for (mut c, k) in globals {
         let _: i64 = redis::cmd("DEL")
@@ -345,7 +542,11 @@ async fn gid_saved_again_over_leftovers(hosts: String) {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    assert_eq!(keys_like(&hosts, &format!("{prefix}*:g1")).await.len(), 2);
+    assert_eq!(
+        keys_like(&hosts, &format!("{prefix}*:g1")).await.len(),
+        1,
+        "the branch list stays"
+    );
     let mut again = branch("g1");
     again.branch_id = "02".into();
     s.write(WriteOp::SaveNew {
@@ -401,7 +602,7 @@ async fn shard_count_is_fixed_by_the_data(hosts: String) {
             "g{i} found with the stored shard count"
         );
     }
-    let shard_tags: std::collections::HashSet<String> = keys_like(&hosts, &format!("{prefix}*g:*"))
+    let shard_tags: std::collections::HashSet<String> = keys_like(&hosts, &format!("{prefix}*t:*"))
         .await
         .into_iter()
         .filter_map(|(_, k)| {
@@ -442,7 +643,7 @@ async fn cluster_spreads_transactions_over_the_masters() {
         let (_, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(0)
             .arg("MATCH")
-            .arg(format!("{prefix}*g:*"))
+            .arg(format!("{prefix}*t:*"))
             .arg("COUNT")
             .arg(100_000)
             .query_async(&mut c)

@@ -1,10 +1,11 @@
 //! How globals, branches and KV rows are stored in Redis values.
 //!
-//! - A global is a hash with the SQL column names as fields; times are unix milliseconds,
-//!   empty columns are left out.
+//! - A global is a hash with the SQL column names as fields ([`GLOBAL_FIELDS`]); times are
+//!   unix milliseconds, empty columns are left out.
 //! - A branch is split in two: an immutable JSON record in the branch list (insertion
-//!   order), and its changing part `status|update_ms|finish_ms` in the state hash, keyed by
-//!   the JSON array `["<branch_id>","<op>"]`. A status update rewrites only the short state.
+//!   order), and its changing part `status|update_ms|finish_ms` in a field of the global's
+//!   hash, `s:` and the JSON array `["<branch_id>","<op>"]`. A status update rewrites only
+//!   the short state.
 //! - A KV row is `id|version|create_ms|update_ms|v` in one hash field per key.
 
 use std::collections::HashMap;
@@ -21,6 +22,38 @@ pub(crate) fn ms(t: &DateTime<Utc>) -> String {
 fn time(v: Option<&String>) -> Option<DateTime<Utc>> {
     v.and_then(|s| s.parse::<i64>().ok())
         .and_then(DateTime::from_timestamp_millis)
+}
+
+/// The hash fields of a global (reads ask for these, not for the branch fields).
+pub(crate) const GLOBAL_FIELDS: [&str; 18] = [
+    "id",
+    "gid",
+    "trans_type",
+    "status",
+    "query_prepared",
+    "protocol",
+    "options",
+    "custom_data",
+    "owner",
+    "ext_data",
+    "result",
+    "rollback_reason",
+    "create_time",
+    "update_time",
+    "finish_time",
+    "rollback_time",
+    "next_cron_time",
+    "next_cron_interval",
+];
+
+/// A global from the values of [`GLOBAL_FIELDS`] (`None` when the hash does not exist).
+pub(crate) fn decode_global_values(values: Vec<Option<String>>) -> Option<TransGlobal> {
+    let m: HashMap<String, String> = GLOBAL_FIELDS
+        .iter()
+        .zip(values)
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect();
+    decode_global(m)
 }
 
 /// Hash fields of a new global (every non-empty column).
@@ -202,7 +235,21 @@ pub(crate) fn encode_branch(b: &Branch) -> Result<[String; 3], StoreError> {
     ])
 }
 
-/// Branches of `gid` from the branch list and the state hash, in insertion order.
+/// Branches of `gid` from its branch list and the `s:` fields of its transaction hash, in
+/// insertion order.
+pub(crate) fn decode_txn_branches(
+    gid: &str,
+    records: Vec<String>,
+    hash: HashMap<String, String>,
+) -> Result<Vec<Branch>, StoreError> {
+    let states = hash
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("s:").map(|k| (k.to_string(), v)))
+        .collect();
+    decode_branches(gid, records, states)
+}
+
+/// Branches of `gid` from their records (insertion order) and their states by branch key.
 pub(crate) fn decode_branches(
     gid: &str,
     records: Vec<String>,
@@ -289,6 +336,37 @@ mod tests {
         let states = HashMap::from([(key, state)]);
         let got = decode_branches("g", vec![rec], states).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(got, vec![Branch { id: 1, ..b }]);
+    }
+
+    #[test]
+    fn branch_states_come_from_the_s_fields() {
+        let mk = |id: &str| Branch {
+            gid: "g".into(),
+            url: format!("http://x/{id}"),
+            branch_id: id.into(),
+            op: "action".into(),
+            status: "prepared".into(),
+            ..Default::default()
+        };
+        let mut hash = HashMap::from([
+            ("status".to_string(), "succeed".to_string()),
+            // a global field that looks like a branch key is not a state
+            (r#"["02","action"]"#.to_string(), "failed||".to_string()),
+        ]);
+        let mut records = Vec::new();
+        for (id, status) in [("01", "succeed"), ("02", "prepared")] {
+            let mut b = mk(id);
+            b.status = status.into();
+            let [key, rec, state] = encode_branch(&b).unwrap_or_else(|e| panic!("{e}"));
+            records.push(rec);
+            hash.insert(format!("s:{key}"), state);
+        }
+        let got = decode_txn_branches("g", records, hash).unwrap_or_else(|e| panic!("{e}"));
+        let ids: Vec<(&str, &str)> = got
+            .iter()
+            .map(|b| (b.branch_id.as_str(), b.status.as_str()))
+            .collect();
+        assert_eq!(ids, [("01", "succeed"), ("02", "prepared")]);
     }
 
     #[test]

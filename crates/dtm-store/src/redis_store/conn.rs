@@ -51,6 +51,8 @@ pub(crate) static SWEEP: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(&[COMMON, include_str!("lua/sweep.lua")]));
 pub(crate) static SCAN: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(&[COMMON, include_str!("lua/scan.lua")]));
+pub(crate) static MIGRATE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(&[COMMON, include_str!("lua/migrate.lua")]));
 pub(crate) static KV: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(&[COMMON, include_str!("lua/kv.lua")]));
 

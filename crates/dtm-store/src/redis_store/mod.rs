@@ -11,9 +11,8 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `P{s<k>}g:<gid>` | hash | the global, one field per column (times in unix ms) |
+//! | `P{s<k>}t:<gid>` | hash | the global, one field per column (times in unix ms), and per branch `s:["<branch_id>","<op>"]` -> `status\|update_ms\|finish_ms` |
 //! | `P{s<k>}b:<gid>` | list | immutable branch records (JSON), insertion order |
-//! | `P{s<k>}s:<gid>` | hash | `["<branch_id>","<op>"]` -> `status\|update_ms\|finish_ms` |
 //! | `P{s<k>}due` | zset | unfinished gids, score = `next_cron_time` ms (recovery) |
 //! | `P{s<k>}all` | zset | every gid, score = `create_time` ms (`GET /all`) |
 //! | `P{s<k>}sweep` | string | where the next retention sweep of the shard starts (a score) |
@@ -22,11 +21,22 @@
 //! | `P{kv:<cat>}ids` | zset | key, score = id (paging) |
 //! | `P{kv:<cat>}seq` | string | last KV id of the category |
 //! | `Pshards` | string | the shard count the data was written with |
+//! | `Playout` | string | the layout version of the data (`2`) |
 //!
 //! The shard count is fixed when the first server writes `Pshards`; a server configured
 //! with another count uses the stored one (and says so), because changing it would move
 //! transactions to other keys. A prefix that itself contains a hash tag (dtm's `{a}`)
 //! works but pins every key to one slot, as dtm does.
+//!
+//! The branch states live in the transaction hash (layout 2), so a saga's writes touch
+//! two keys, not three. The records stay in a list of their own: they are longer than
+//! Redis's `hash-max-listpack-value` (64 bytes), and one of them in the hash would turn
+//! its compact listpack encoding into a hash table (more memory and slower writes).
+//! Versions before layout 2 kept the states in a third key (`s:<gid>`) beside the global
+//! hash `g:<gid>`. The first server of this version to start on such data converts it,
+//! shard by shard, before it serves anything (`lua/migrate.lua`; a restart picks up where
+//! it stopped), then writes `Playout`. Older servers do not know the new layout: stop
+//! them all before starting this version.
 //!
 //! # Writes
 //!
@@ -45,12 +55,12 @@
 //! # Retention
 //!
 //! Unfinished transactions never expire. When a transaction finishes, it leaves the due
-//! index and its three keys expire `Store.FinishedDataExpire` seconds after its finishing
+//! index and its two keys expire `Store.FinishedDataExpire` seconds after its finishing
 //! update (`update_time`; 0 keeps them forever), by Redis's own key expiry. Their `all`
 //! entries are dropped by the retention sweep ([`Store::purge_finished`], which the
 //! server's retention task calls now and then): shard by shard, from where the last sweep
 //! stopped, it examines entries created before the retention bound and drops those whose
-//! global key is gone, with any branch keys left. Until then `GET /all` skips them. The
+//! hash is gone, with any branch list left. Until then `GET /all` skips them. The
 //! writes of a transaction do no index upkeep of their own, so a saga costs two scripts of
 //! a few commands each. (Earlier versions kept an `exp` zset for this; the sweep deletes
 //! it.)
@@ -85,6 +95,10 @@ const MAX_BATCH: usize = 512;
 const LANES: usize = 4;
 /// Entries one shard examines at most for one page of `GET /all`.
 const SCAN_BUDGET: usize = 1000;
+/// The key layout this version reads and writes (see the module doc).
+const LAYOUT: &str = "2";
+/// Index entries one migration script examines.
+const MIGRATE_CHUNK: usize = 200;
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -177,20 +191,19 @@ impl Layout {
     }
 
     fn global_prefix(&self, shard: u32) -> String {
-        format!("{}g:", self.tag(shard))
+        format!("{}t:", self.tag(shard))
     }
 
     fn global(&self, gid: &str) -> String {
         format!("{}{gid}", self.global_prefix(self.shard(gid)))
     }
 
-    /// Global, branch list, branch states, due, all; and the tag.
+    /// Transaction hash, branch list, due, all; and the tag.
     fn txn_keys(&self, gid: &str) -> (Vec<String>, String) {
         let tag = self.tag(self.shard(gid));
         let keys = vec![
-            format!("{tag}g:{gid}"),
+            format!("{tag}t:{gid}"),
             format!("{tag}b:{gid}"),
-            format!("{tag}s:{gid}"),
             format!("{tag}due"),
             format!("{tag}all"),
         ];
@@ -309,13 +322,14 @@ impl RedisStore {
                 let key = format!("{}shards", inner.opts.prefix);
                 let mut c = inner.conn.clone();
                 let err = |e| conn::store_err(&inner.target, e);
-                redis::cmd("SET")
+                let fresh = redis::cmd("SET")
                     .arg(&key)
                     .arg(inner.opts.shards)
                     .arg("NX")
                     .query_async::<Value>(&mut c)
                     .await
-                    .map_err(err)?;
+                    .map_err(err)?
+                    == Value::Okay;
                 let stored: Option<String> =
                     redis::cmd("GET").arg(&key).query_async(&mut c).await.map_err(err)?;
                 let shards = match stored {
@@ -338,10 +352,35 @@ impl RedisStore {
                         inner.opts.prefix
                     );
                 }
-                Ok(Layout {
+                let l = Layout {
                     prefix: inner.opts.prefix.clone(),
                     shards,
-                })
+                };
+                let layout_key = format!("{}layout", inner.opts.prefix);
+                if !fresh {
+                    let stored: Option<String> = redis::cmd("GET")
+                        .arg(&layout_key)
+                        .query_async(&mut c)
+                        .await
+                        .map_err(err)?;
+                    match stored.as_deref() {
+                        Some(LAYOUT) => return Ok(l),
+                        None => migrate(inner, &l).await?,
+                        Some(other) => {
+                            return Err(StoreError::Unavailable(format!(
+                                "the data under Redis prefix '{}' has key layout {other}, written by a newer dtm-rs; this version reads layout {LAYOUT}: run the newer version, or give this one its own Store.RedisPrefix",
+                                inner.opts.prefix
+                            )));
+                        }
+                    }
+                }
+                redis::cmd("SET")
+                    .arg(&layout_key)
+                    .arg(LAYOUT)
+                    .query_async::<Value>(&mut c)
+                    .await
+                    .map_err(err)?;
+                Ok(l)
             })
             .await
     }
@@ -427,7 +466,7 @@ impl RedisStore {
                 branches: bs,
             } => {
                 let (mut keys, tag) = l.txn_keys(&gid);
-                keys.truncate(3);
+                keys.truncate(2);
                 let mut args = vec![expect_status];
                 branches(&bs, &mut args)?;
                 Call {
@@ -472,7 +511,7 @@ impl RedisStore {
                 Call {
                     lua: &conn::RESET_NEXT,
                     tag,
-                    keys: vec![keys[0].clone(), keys[3].clone()],
+                    keys: vec![keys[0].clone(), keys[2].clone()],
                     args: vec![gid, ms(&now)],
                 }
             }
@@ -508,17 +547,21 @@ impl RedisStore {
         owner: &str,
     ) -> Result<WriteOutcome, StoreError> {
         let n = l.shards as usize;
-        let call = |shard: u32, limit: usize| Call {
-            lua: &conn::CLAIM_DUE,
-            tag: l.tag(shard),
-            keys: vec![format!("{}due", l.tag(shard))],
-            args: vec![
+        let call = |shard: u32, limit: usize| {
+            let mut args = vec![
                 l.global_prefix(shard),
                 ms(&now),
                 limit.to_string(),
                 ms(&lease_until),
                 owner.to_string(),
-            ],
+            ];
+            args.extend(codec::GLOBAL_FIELDS.iter().map(|f| f.to_string()));
+            Call {
+                lua: &conn::CLAIM_DUE,
+                tag: l.tag(shard),
+                keys: vec![format!("{}due", l.tag(shard))],
+                args,
+            }
         };
         let claim = |shard: u32, limit: usize| async move {
             let v = self.run(&call(shard, limit)).await?;
@@ -660,6 +703,43 @@ impl RedisStore {
     }
 }
 
+/// Convert the data of versions before layout 2 (see the module doc), shard by shard.
+async fn migrate(inner: &Inner, l: &Layout) -> Result<(), StoreError> {
+    let mut moved_shards = 0;
+    for shard in 0..l.shards {
+        let tag = l.tag(shard);
+        let mut first = 0usize;
+        loop {
+            let v = conn::run(
+                &inner.conn,
+                &inner.target,
+                &Call {
+                    lua: &conn::MIGRATE,
+                    keys: vec![format!("{tag}all")],
+                    args: vec![tag.clone(), first.to_string(), MIGRATE_CHUNK.to_string()],
+                    tag: tag.clone(),
+                },
+            )
+            .await?;
+            let examined: usize = decode(v, "the layout migration")?;
+            first += examined;
+            if examined < MIGRATE_CHUNK {
+                break;
+            }
+        }
+        if first > 0 {
+            moved_shards += 1;
+        }
+    }
+    if moved_shards > 0 {
+        tracing::info!(
+            "Redis prefix '{}': converted the transactions of {moved_shards} shard(s) to key layout {LAYOUT} (one hash per transaction)",
+            l.prefix
+        );
+    }
+    Ok(())
+}
+
 /// An allkeys-* eviction policy may drop unfinished transactions under memory pressure:
 /// say so. CONFIG may be refused (managed Redis); then nothing is said.
 async fn warn_if_evicting(c: &mut Conn, target: &str) {
@@ -732,29 +812,30 @@ impl Store for RedisStore {
     async fn find_global(&self, gid: &str) -> Result<Option<TransGlobal>, StoreError> {
         let key = self.layout().await?.global(gid);
         let mut c = self.inner.conn.clone();
-        let m = redis::cmd("HGETALL")
+        let values = redis::cmd("HMGET")
             .arg(key)
+            .arg(&codec::GLOBAL_FIELDS[..])
             .query_async(&mut c)
             .await
             .map_err(|e| conn::store_err(&self.inner.target, e))?;
-        Ok(codec::decode_global(m))
+        Ok(codec::decode_global_values(values))
     }
 
     async fn find_branches(&self, gid: &str) -> Result<Vec<Branch>, StoreError> {
         let (keys, _) = self.layout().await?.txn_keys(gid);
         let mut c = self.inner.conn.clone();
-        let (records, states) = redis::pipe()
+        let (records, hash) = redis::pipe()
             .atomic()
             .cmd("LRANGE")
             .arg(&keys[1])
             .arg(0)
             .arg(-1)
             .cmd("HGETALL")
-            .arg(&keys[2])
+            .arg(&keys[0])
             .query_async(&mut c)
             .await
             .map_err(|e| conn::store_err(&self.inner.target, e))?;
-        codec::decode_branches(gid, records, states)
+        codec::decode_txn_branches(gid, records, hash)
     }
 
     /// Newest first across all shards: each shard offers its newest matches after the

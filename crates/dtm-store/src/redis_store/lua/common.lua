@@ -5,6 +5,16 @@ local function arg()
   return ARGV[argi]
 end
 
+-- The arguments not read yet, as a list.
+local function rest()
+  local out = {}
+  for i = argi + 1, #ARGV do
+    out[#out + 1] = ARGV[i]
+  end
+  argi = #ARGV
+  return out
+end
+
 local function is_final(status)
   return status == 'succeed' or status == 'failed'
 end

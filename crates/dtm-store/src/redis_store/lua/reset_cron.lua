@@ -1,4 +1,4 @@
--- ResetCronTime on one shard. KEYS: due zset. ARGV: global key prefix, after, now, limit.
+-- ResetCronTime on one shard. KEYS: due zset. ARGV: transaction key prefix, after, now, limit.
 -- Returns {count, 1 when more than limit were scheduled after `after`}.
 local gprefix = arg()
 local after = arg()

@@ -1,4 +1,4 @@
--- ResetNextCronTime. KEYS: global hash, due zset. ARGV: gid, now
+-- ResetNextCronTime. KEYS: transaction hash, due zset. ARGV: gid, now
 local gid = arg()
 local now = arg()
 local status = redis.call('HGET', KEYS[1], 'status')

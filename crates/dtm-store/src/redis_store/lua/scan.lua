@@ -1,5 +1,5 @@
 -- One shard's part of a page of GET /all, newest first. KEYS: all zset (score = create
--- time ms). ARGV: global key prefix, max score (or +inf), gid after which to continue at
+-- time ms). ARGV: transaction key prefix, max score (or +inf), gid after which to continue at
 -- the max score (or ''), min score (or -inf), status filter, trans_type filter, limit,
 -- budget (entries to examine at most).
 -- Returns {done, last examined score, last examined gid, {score, gid, ...matches}}.

@@ -1,5 +1,6 @@
--- Retention sweep of one shard: drop the index entries of transactions whose global key
--- is gone (expired), with whatever is left of their branch keys. KEYS: all zset, sweep
+-- Retention sweep of one shard: drop the index entries of transactions whose hash is gone
+-- (expired), with whatever is left of their branch list (and of the branch state hash of
+-- the layout before version 2). KEYS: all zset, sweep
 -- cursor (the create-time score the next sweep starts at). ARGV: the shard's key tag,
 -- created-before bound (ms), budget (entries to examine). Returns how many were dropped.
 local tag = arg()
@@ -10,7 +11,7 @@ local chunk = redis.call('ZRANGEBYSCORE', KEYS[1], from, before, 'WITHSCORES', '
 local dropped = 0
 for i = 1, #chunk, 2 do
   local gid = chunk[i]
-  if redis.call('EXISTS', tag .. 'g:' .. gid) == 0 then
+  if redis.call('EXISTS', tag .. 't:' .. gid) == 0 then
     redis.call('ZREM', KEYS[1], gid)
     redis.call('DEL', tag .. 'b:' .. gid, tag .. 's:' .. gid)
     dropped = dropped + 1

@@ -16,28 +16,24 @@ if check_owner == '1' and (cur[2] or '') ~= owner then
   return 'NOT_FOUND'
 end
 local fields = read_fields()
-if #fields > 0 then
-  bulk('HSET', KEYS[1], fields)
-end
 local n = tonumber(arg())
 if n > 0 then
   local keys, states = {}, {}
   for i = 1, n do
-    keys[i] = arg()
+    keys[i] = 's:' .. arg()
     states[i] = arg()
   end
   -- like an SQL UPDATE: a branch that does not exist is not created
-  local have = hmget(KEYS[3], keys)
-  local set = {}
+  local have = hmget(KEYS[1], keys)
   for i = 1, n do
     if have[i] then
-      set[#set + 1] = keys[i]
-      set[#set + 1] = states[i]
+      fields[#fields + 1] = keys[i]
+      fields[#fields + 1] = states[i]
     end
   end
-  if #set > 0 then
-    bulk('HSET', KEYS[3], set)
-  end
+end
+if #fields > 0 then
+  bulk('HSET', KEYS[1], fields)
 end
 if new_status == '' then
   new_status = status
