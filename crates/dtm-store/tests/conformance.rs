@@ -1211,6 +1211,35 @@ async fn many_branches(s: &dyn Store) -> R {
             .all(|(i, b)| b.branch_id == format!("{i:04}")),
         "insertion order"
     );
+    // one update of every branch, and of one that does not exist (not created)
+    let ups = |r: std::ops::Range<usize>| -> Vec<BranchUpdate> {
+        r.map(|i| BranchUpdate {
+            branch_id: format!("{i:04}"),
+            op: "action".into(),
+            status: "succeed".into(),
+            time: t,
+        })
+        .collect()
+    };
+    for branches in [ups(0..1300), ups(1300..2601)] {
+        s.write(WriteOp::UpdateGlobal {
+            gid: g.clone(),
+            expect_status: "prepared".into(),
+            expect_owner: None,
+            set: GlobalUpdate {
+                update_time: t,
+                ..Default::default()
+            },
+            branches,
+        })
+        .await?;
+    }
+    let got = s.find_branches(&g).await?;
+    assert_eq!(got.len(), 2600, "an update creates no branch");
+    assert!(
+        got.iter().all(|b| b.status == "succeed"),
+        "every branch updated"
+    );
     Ok(())
 }
 

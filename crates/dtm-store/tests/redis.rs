@@ -347,6 +347,33 @@ async fn retention(hosts: String) {
     purge(hosts, prefix).await;
 }
 
+/// A new transaction that names one branch twice is refused whole, as SQL's unique key on
+/// (gid, branch_id, op) refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_branch_is_a_conflict() {
+    let Some(hosts) = single_addr() else {
+        return;
+    };
+    let prefix = unique_prefix("rep");
+    let s = RedisStore::open(options(&hosts, &prefix)).unwrap_or_else(|e| panic!("{e}"));
+    let r = s
+        .write(WriteOp::SaveNew {
+            global: global("g1", "submitted", Some(Utc::now())),
+            branches: vec![branch("g1"), branch("g1")],
+        })
+        .await;
+    assert_eq!(r, Err(StoreError::UniqueConflict));
+    assert!(
+        s.find_global("g1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none(),
+        "nothing stored"
+    );
+    s.close().await;
+    purge(hosts, prefix).await;
+}
+
 /// Data of the layout before version 2 (branch states in a key of their own) is converted
 /// when a server of this version first opens the prefix: transactions, branches, due
 /// times and expiry all stay, and the old keys go.

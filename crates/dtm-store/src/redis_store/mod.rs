@@ -421,8 +421,7 @@ impl RedisStore {
 
     /// Build the script call of a single-slot write.
     fn call(&self, l: &Layout, op: WriteOp) -> Result<Call, StoreError> {
-        let flat = |fields: Vec<(&'static str, String)>, args: &mut Vec<String>| {
-            args.push(fields.len().to_string());
+        let pairs = |fields: Vec<(&'static str, String)>, args: &mut Vec<String>| {
             for (k, v) in fields {
                 args.push(k.to_string());
                 args.push(v);
@@ -451,8 +450,24 @@ impl RedisStore {
                     global.next_cron_time.as_ref().map(ms).unwrap_or_default(),
                     self.expire_at(&now),
                 ];
-                flat(codec::global_fields(&global), &mut args);
-                branches(&bs, &mut args)?;
+                // the records, then the hash's fields: one run of arguments each, which the
+                // script hands to RPUSH and HSET as they are
+                let encoded = bs
+                    .iter()
+                    .map(codec::encode_branch)
+                    .collect::<Result<Vec<_>, _>>()?;
+                // as SQL's unique key on (gid, branch_id, op) would
+                let mut seen = std::collections::HashSet::with_capacity(encoded.len());
+                if !encoded.iter().all(|[key, _, _]| seen.insert(key.as_str())) {
+                    return Err(StoreError::UniqueConflict);
+                }
+                args.push(encoded.len().to_string());
+                args.extend(encoded.iter().map(|[_, record, _]| record.clone()));
+                pairs(codec::global_fields(&global), &mut args);
+                for [key, _, state] in encoded {
+                    args.push(format!("s:{key}"));
+                    args.push(state);
+                }
                 Call {
                     lua: &conn::SAVE_NEW,
                     tag,
@@ -492,13 +507,14 @@ impl RedisStore {
                     set.status.clone().unwrap_or_default(),
                     set.next_cron_time.as_ref().map(ms).unwrap_or_default(),
                     self.expire_at(&set.update_time),
+                    ups.len().to_string(),
                 ];
-                flat(update_fields(&set), &mut args);
-                args.push(ups.len().to_string());
+                // the hash's fields as one run: the branch states, then the columns
                 for u in ups {
-                    args.push(codec::branch_key(&u.branch_id, &u.op));
+                    args.push(format!("s:{}", codec::branch_key(&u.branch_id, &u.op)));
                     args.push(codec::branch_state(&u.status, Some(&u.time), Some(&u.time)));
                 }
+                pairs(update_fields(&set), &mut args);
                 Call {
                     lua: &conn::UPDATE_GLOBAL,
                     tag,

@@ -26,6 +26,14 @@ local function bulk(cmd, key, list)
   end
 end
 
+-- `cmd key ARGV[from..to]`, in chunks of 1000 (unpack has a stack limit; chunks of an
+-- even size keep field/value pairs whole).
+local function range(cmd, key, from, to)
+  for i = from, to, 1000 do
+    redis.call(cmd, key, unpack(ARGV, i, math.min(i + 999, to)))
+  end
+end
+
 -- HMGET over a long list of fields, in chunks; one answer (or false) per field.
 local function hmget(key, fields)
   local out = {}

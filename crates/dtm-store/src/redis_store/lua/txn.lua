@@ -44,11 +44,3 @@ local function read_branches(n, fields, check)
   end
   return records, dup
 end
-
-local function read_fields()
-  local fields = {}
-  for i = 1, tonumber(arg()) * 2 do
-    fields[i] = arg()
-  end
-  return fields
-end

@@ -1,42 +1,44 @@
 -- UpdateGlobal. ARGV: gid, expect_status, check_owner (1|0), expect_owner,
--- new_status|'', next_ms|'', expire_at|'', nfields, (field, value)*, nupdates, (key, state)*
-local gid = arg()
-local expect = arg()
-local check_owner = arg()
-local owner = arg()
-local new_status = arg()
-local next_ms = arg()
-local expire_at = arg()
-local cur = redis.call('HMGET', KEYS[1], 'status', 'owner')
+-- new_status|'', next_ms|'', expire_at|'', nupdates, then the hash's (field, value) pairs
+-- to the end: first the `s:<key>` state of each updated branch, then the columns to set.
+local n = tonumber(ARGV[8])
+local ask = {'status', 'owner'}
+for i = 1, n do
+  ask[i + 2] = ARGV[7 + 2 * i]
+end
+local cur = hmget(KEYS[1], ask)
 local status = cur[1]
-if not status or status ~= expect then
+if not status or status ~= ARGV[2] then
   return 'NOT_FOUND'
 end
-if check_owner == '1' and (cur[2] or '') ~= owner then
+if ARGV[3] == '1' and (cur[2] or '') ~= ARGV[4] then
   return 'NOT_FOUND'
 end
-local fields = read_fields()
-local n = tonumber(arg())
-if n > 0 then
-  local keys, states = {}, {}
-  for i = 1, n do
-    keys[i] = 's:' .. arg()
-    states[i] = arg()
+-- like an SQL UPDATE: a branch that does not exist is not created
+local all = true
+for i = 1, n do
+  if not cur[i + 2] then
+    all = false
   end
-  -- like an SQL UPDATE: a branch that does not exist is not created
-  local have = hmget(KEYS[1], keys)
+end
+if all then
+  range('HSET', KEYS[1], 9, #ARGV)
+else
+  local fields = {}
   for i = 1, n do
-    if have[i] then
-      fields[#fields + 1] = keys[i]
-      fields[#fields + 1] = states[i]
+    if cur[i + 2] then
+      fields[#fields + 1] = ARGV[7 + 2 * i]
+      fields[#fields + 1] = ARGV[8 + 2 * i]
     end
   end
-end
-if #fields > 0 then
+  for i = 9 + 2 * n, #ARGV do
+    fields[#fields + 1] = ARGV[i]
+  end
   bulk('HSET', KEYS[1], fields)
 end
+local new_status = ARGV[5]
 if new_status == '' then
   new_status = status
 end
-settle(gid, new_status, next_ms, expire_at)
+settle(ARGV[1], new_status, ARGV[6], ARGV[7])
 return 'OK'
