@@ -721,7 +721,11 @@ impl RedisStore {
 
 /// Convert the data of versions before layout 2 (see the module doc), shard by shard.
 async fn migrate(inner: &Inner, l: &Layout) -> Result<(), StoreError> {
-    let mut moved_shards = 0;
+    tracing::info!(
+        "Redis prefix '{}' has no key layout recorded: converting transactions of the earlier layout to layout {LAYOUT} before serving",
+        l.prefix
+    );
+    let mut converted = 0usize;
     for shard in 0..l.shards {
         let tag = l.tag(shard);
         let mut first = 0usize;
@@ -737,22 +741,18 @@ async fn migrate(inner: &Inner, l: &Layout) -> Result<(), StoreError> {
                 },
             )
             .await?;
-            let examined: usize = decode(v, "the layout migration")?;
+            let (examined, moved): (usize, usize) = decode(v, "the layout migration")?;
             first += examined;
+            converted += moved;
             if examined < MIGRATE_CHUNK {
                 break;
             }
         }
-        if first > 0 {
-            moved_shards += 1;
-        }
     }
-    if moved_shards > 0 {
-        tracing::info!(
-            "Redis prefix '{}': converted the transactions of {moved_shards} shard(s) to key layout {LAYOUT} (one hash per transaction)",
-            l.prefix
-        );
-    }
+    tracing::info!(
+        "Redis prefix '{}': {converted} transaction(s) converted to key layout {LAYOUT}",
+        l.prefix
+    );
     Ok(())
 }
 
