@@ -190,12 +190,12 @@ impl Layout {
         format!("{}{{s{shard}}}", self.prefix)
     }
 
-    fn global_prefix(&self, shard: u32) -> String {
+    fn txn_prefix(&self, shard: u32) -> String {
         format!("{}t:", self.tag(shard))
     }
 
-    fn global(&self, gid: &str) -> String {
-        format!("{}{gid}", self.global_prefix(self.shard(gid)))
+    fn txn(&self, gid: &str) -> String {
+        format!("{}{gid}", self.txn_prefix(self.shard(gid)))
     }
 
     /// Transaction hash, branch list, due, all; and the tag.
@@ -565,7 +565,7 @@ impl RedisStore {
         let n = l.shards as usize;
         let call = |shard: u32, limit: usize| {
             let mut args = vec![
-                l.global_prefix(shard),
+                l.txn_prefix(shard),
                 ms(&now),
                 limit.to_string(),
                 ms(&lease_until),
@@ -656,12 +656,7 @@ impl RedisStore {
                     lua: &conn::RESET_CRON,
                     tag: l.tag(shard),
                     keys: vec![format!("{}due", l.tag(shard))],
-                    args: vec![
-                        l.global_prefix(shard),
-                        ms(&after),
-                        ms(&now),
-                        left.to_string(),
-                    ],
+                    args: vec![l.txn_prefix(shard), ms(&after), ms(&now), left.to_string()],
                 })
                 .await?;
             let (n, more): (i64, i64) = decode(v, "ResetCronTime")?;
@@ -697,7 +692,7 @@ impl RedisStore {
                 tag: l.tag(shard),
                 keys: vec![format!("{}all", l.tag(shard))],
                 args: vec![
-                    l.global_prefix(shard),
+                    l.txn_prefix(shard),
                     max,
                     after,
                     bound(q.create_time_start.as_ref(), "-inf"),
@@ -826,7 +821,7 @@ impl Store for RedisStore {
     }
 
     async fn find_global(&self, gid: &str) -> Result<Option<TransGlobal>, StoreError> {
-        let key = self.layout().await?.global(gid);
+        let key = self.layout().await?.txn(gid);
         let mut c = self.inner.conn.clone();
         let values = redis::cmd("HMGET")
             .arg(key)
