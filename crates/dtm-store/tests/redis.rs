@@ -158,6 +158,55 @@ async fn keys_like(hosts: &str, pattern: &str) -> Vec<(redis::aio::MultiplexedCo
     out
 }
 
+/// A connection that sends each command where its key lives: the node itself, or the
+/// cluster (comma-separated hosts).
+enum AnyConn {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for AnyConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            AnyConn::Node(c) => c.req_packed_command(cmd),
+            AnyConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            AnyConn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            AnyConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+async fn any_conn(hosts: &str) -> AnyConn {
+    if !hosts.contains(',') {
+        return AnyConn::Node(node_conns(hosts).await.remove(0));
+    }
+    let nodes: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}/")).collect();
+    let client = redis::cluster::ClusterClient::new(nodes).unwrap_or_else(|e| panic!("{e}"));
+    AnyConn::Cluster(
+        client
+            .get_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach the cluster at {hosts}: {e}")),
+    )
+}
+
 fn finish(gid: &str) -> WriteOp {
     WriteOp::UpdateGlobal {
         gid: gid.into(),
@@ -377,17 +426,19 @@ async fn repeated_branch_is_a_conflict() {
 /// Data of the layout before version 2 (branch states in a key of their own) is converted
 /// when a server of this version first opens the prefix: transactions, branches, due
 /// times and expiry all stay, and the old keys go.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn earlier_layout_is_converted() {
-    let Some(hosts) = single_addr() else {
-        return;
-    };
+async fn earlier_layout_is_converted(hosts: String) {
     let prefix = unique_prefix("v1");
-    let mut c = node_conns(&hosts).await.remove(0);
+    let mut c = any_conn(&hosts).await;
     let tag = format!("{prefix}{{s0}}");
     let now = Utc::now().timestamp_millis();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}shards"))
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // every key of shard 0: one slot, one pipeline
     let mut p = redis::pipe();
-    p.cmd("SET").arg(format!("{prefix}shards")).arg(1).ignore();
     for (gid, status) in [("old1", "submitted"), ("old2", "succeed")] {
         p.cmd("HSET")
             .arg(format!("{tag}g:{gid}"))
@@ -548,6 +599,12 @@ async fn earlier_layout_is_converted() {
     s.close().await;
     purge(hosts, prefix).await;
 }
+
+on_single_and_cluster!(
+    earlier_layout_is_converted,
+    single_earlier_layout_is_converted,
+    cluster_earlier_layout_is_converted
+);
 
 /// A transaction whose hash vanished (evicted, deleted by hand) while its branch list
 /// stayed: saving the gid again starts from no branches, not from the leftovers.
