@@ -207,6 +207,13 @@ async fn any_conn(hosts: &str) -> AnyConn {
     )
 }
 
+/// The stored branches of `gid` (the test fails when they cannot be read).
+async fn branches_of(s: &RedisStore, gid: &str) -> Vec<Branch> {
+    s.find_branches(gid)
+        .await
+        .unwrap_or_else(|e| panic!("branches of {gid}: {e}"))
+}
+
 fn finish(gid: &str) -> WriteOp {
     WriteOp::UpdateGlobal {
         gid: gid.into(),
@@ -293,10 +300,8 @@ async fn retention(hosts: String) {
         done.iter().all(|t| (1..=2).contains(t)),
         "finished: TTL set, got {done:?}"
     );
-    let ids: Vec<String> = s
-        .find_branches("done")
+    let ids: Vec<String> = branches_of(&s, "done")
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
         .map(|b| b.branch_id)
         .collect();
@@ -496,10 +501,7 @@ async fn earlier_layout_is_converted(hosts: String) {
         (g.status.as_str(), g.id, g.protocol.as_str()),
         ("submitted", 1024, "http")
     );
-    let bs = s
-        .find_branches("old1")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let bs = branches_of(&s, "old1").await;
     let got: Vec<(&str, &str, &str)> = bs
         .iter()
         .map(|b| (b.op.as_str(), b.url.as_str(), b.status.as_str()))
@@ -574,10 +576,8 @@ async fn earlier_layout_is_converted(hosts: String) {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let statuses: Vec<String> = s
-        .find_branches("old1")
+    let statuses: Vec<String> = branches_of(&s, "old1")
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
         .map(|b| b.status)
         .collect();
@@ -597,6 +597,11 @@ async fn earlier_layout_is_converted(hosts: String) {
         other => panic!("expected a layout error, got {other:?}"),
     }
     s.close().await;
+    assert_eq!(
+        keys_like(&hosts, &format!("{prefix}*:old1")).await.len(),
+        2,
+        "the data stays as it was"
+    );
     purge(hosts, prefix).await;
 }
 
@@ -639,10 +644,8 @@ async fn gid_saved_again_over_leftovers(hosts: String) {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let ids: Vec<String> = s
-        .find_branches("g1")
+    let ids: Vec<String> = branches_of(&s, "g1")
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
         .map(|b| b.branch_id)
         .collect();

@@ -338,6 +338,43 @@ mod tests {
         assert_eq!(got, vec![Branch { id: 1, ..b }]);
     }
 
+    /// Reads ask Redis for [`GLOBAL_FIELDS`]: every field a new global is written with must
+    /// be among them, or a read would lose it.
+    #[test]
+    fn global_fields_are_all_read_back() {
+        let t = DateTime::from_timestamp_millis(1_700_000_000_123);
+        let text = |s: &str| s.to_string();
+        let g = TransGlobal {
+            id: 7,
+            gid: text("g"),
+            trans_type: text("saga"),
+            status: text("aborting"),
+            query_prepared: text("http://q"),
+            protocol: text("http"),
+            options: text("{}"),
+            custom_data: text("{\"a\":1}"),
+            owner: text("n1"),
+            ext_data: text("{}"),
+            result: text("r"),
+            rollback_reason: text("why"),
+            create_time: t,
+            update_time: t,
+            finish_time: t,
+            rollback_time: t,
+            next_cron_time: t,
+            next_cron_interval: 10,
+        };
+        let mut written: HashMap<&str, String> = global_fields(&g).into_iter().collect();
+        written.insert("id", "7".into());
+        assert_eq!(written.len(), GLOBAL_FIELDS.len(), "{written:?}");
+        let values = GLOBAL_FIELDS
+            .iter()
+            .map(|f| written.get(f).cloned())
+            .collect();
+        assert_eq!(decode_global_values(values), Some(g));
+        assert_eq!(decode_global_values(vec![None; GLOBAL_FIELDS.len()]), None);
+    }
+
     #[test]
     fn branch_states_come_from_the_s_fields() {
         let mk = |id: &str| Branch {

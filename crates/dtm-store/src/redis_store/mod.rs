@@ -462,9 +462,13 @@ impl RedisStore {
                     return Err(StoreError::UniqueConflict);
                 }
                 args.push(encoded.len().to_string());
-                args.extend(encoded.iter().map(|[_, record, _]| record.clone()));
+                let mut states = Vec::with_capacity(encoded.len());
+                for [key, record, state] in encoded {
+                    args.push(record);
+                    states.push((key, state));
+                }
                 pairs(codec::global_fields(&global), &mut args);
-                for [key, _, state] in encoded {
+                for (key, state) in states {
                     args.push(format!("s:{key}"));
                     args.push(state);
                 }

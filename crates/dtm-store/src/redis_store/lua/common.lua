@@ -26,11 +26,20 @@ local function bulk(cmd, key, list)
   end
 end
 
--- `cmd key ARGV[from..to]`, in chunks of 1000 (unpack has a stack limit; chunks of an
--- even size keep field/value pairs whole).
-local function range(cmd, key, from, to)
-  for i = from, to, 1000 do
-    redis.call(cmd, key, unpack(ARGV, i, math.min(i + 999, to)))
+-- `cmd key [k v] ARGV[from..to]`, in chunks of 1000 (unpack has a stack limit; chunks of
+-- an even size keep field/value pairs whole); the optional pair `k v` goes first, in the
+-- first chunk.
+local function range(cmd, key, from, to, k, v)
+  local i = from
+  if k then
+    local last = math.min(from + 999, to)
+    redis.call(cmd, key, k, v, unpack(ARGV, from, last))
+    i = last + 1
+  end
+  while i <= to do
+    local last = math.min(i + 999, to)
+    redis.call(cmd, key, unpack(ARGV, i, last))
+    i = last + 1
   end
 end
 

@@ -9,20 +9,13 @@ local gid = ARGV[1]
 local n = tonumber(ARGV[7])
 -- ids are unique across shards (at most 1024 of them)
 local id = string.format('%d', redis.call('INCR', KEYS[5]) * 1024 + tonumber(ARGV[2]))
-local from, to = 8 + n, #ARGV
-local last = math.min(from + 999, to)
-redis.call('HSET', KEYS[1], 'id', id, unpack(ARGV, from, last))
-if last < to then
-  range('HSET', KEYS[1], last + 1, to)
-end
+range('HSET', KEYS[1], 8 + n, #ARGV, 'id', id)
 -- A gid already in the index had a transaction before (now expired): drop what is left
 -- of its branch list. A branch list never exists without an index entry (the sweep
 -- deletes them together), so a new gid needs no such check.
 if redis.call('ZADD', KEYS[4], ARGV[3], gid) == 0 then
   redis.call('DEL', KEYS[2])
 end
-if n > 0 then
-  range('RPUSH', KEYS[2], 8, 7 + n)
-end
+range('RPUSH', KEYS[2], 8, 7 + n)
 settle(gid, ARGV[4], ARGV[5], ARGV[6])
 return 'OK'

@@ -17,30 +17,3 @@ local function settle(gid, status, next_ms, expire_at)
     redis.call('ZADD', KEYS[3], next_ms, gid)
   end
 end
-
--- Read n branches as (key, record, state) triples: the records are returned, the states
--- appended to `fields` as `s:<key>` -> state. Also returns whether a key repeats, in the
--- list or (with `check`) among the stored branches.
-local function read_branches(n, fields, check)
-  local records, keys, seen, dup = {}, {}, {}, false
-  for i = 1, n do
-    local key = 's:' .. arg()
-    records[i] = arg()
-    fields[#fields + 1] = key
-    fields[#fields + 1] = arg()
-    keys[i] = key
-    if seen[key] then
-      dup = true
-    end
-    seen[key] = true
-  end
-  if check and not dup and n > 0 then
-    local stored = hmget(KEYS[1], keys)
-    for i = 1, n do
-      if stored[i] then
-        dup = true
-      end
-    end
-  end
-  return records, dup
-end
