@@ -227,6 +227,14 @@ pub fn fast_settings() -> dtm_core::Settings {
 }
 
 impl TestServer {
+    /// Stop the server as SIGTERM does, with `grace` for requests in progress; an error
+    /// when the shutdown has not returned after 10 s.
+    pub async fn shutdown_within(self, grace: Duration) -> anyhow::Result<()> {
+        tokio::time::timeout(Duration::from_secs(10), self.server.shutdown(grace))
+            .await
+            .map_err(|_| anyhow::anyhow!("the server's shutdown (grace {grace:?}) hung"))
+    }
+
     pub async fn start() -> anyhow::Result<TestServer> {
         Self::start_with(fast_settings()).await
     }
