@@ -374,6 +374,82 @@ async fn claim_due_leases(s: &dyn Store) -> R {
     Ok(())
 }
 
+/// Due transactions of every unfinished status are claimed oldest first, `limit` at a
+/// time, each once while leased. MySQL promises no order, Redis only within each of its
+/// shards (a claim takes from every shard).
+async fn claims_oldest_first(s: &dyn Store, backend: Backend) -> R {
+    // a day back, so that rows a test saved before (due from now on) are not due yet,
+    // and the leases given here are over before any later check claims
+    let c = now() - Duration::days(1);
+    let rows = [
+        ("p1", "prepared", 60),
+        ("s1", "submitted", 50),
+        ("p2", "prepared", 40),
+        ("a1", "aborting", 30),
+        ("s2", "submitted", 20),
+        ("p3", "prepared", 10),
+        ("f1", "succeed", 70),
+        ("f2", "failed", 70),
+    ];
+    let mut gids = std::collections::HashMap::new();
+    for (tag, status, ago) in rows {
+        let g = gid(&format!("oldest-{tag}"));
+        let mut gl = global(&g, status, c - Duration::seconds(ago));
+        gl.next_cron_time = Some(c - Duration::seconds(ago));
+        save(s, gl, vec![]).await?;
+        gids.insert(g, tag);
+    }
+    let mut batches = vec![];
+    for limit in [3, 2, 10, 10] {
+        batches.push(claim_tags(s, c, limit, &gids).await?);
+    }
+    if matches!(backend, Backend::MySql | Backend::Redis) {
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [3, 2, 1, 0]);
+        let mut all: Vec<&str> = batches.concat();
+        all.sort();
+        assert_eq!(all, ["a1", "p1", "p2", "p3", "s1", "s2"]);
+    } else {
+        let by_age = |mut v: Vec<&'static str>| {
+            v.sort_by_key(|t| std::cmp::Reverse(rows.iter().find(|r| r.0 == *t).map(|r| r.2)));
+            v
+        };
+        let batches: Vec<Vec<&str>> = batches.into_iter().map(by_age).collect();
+        assert_eq!(
+            batches,
+            [vec!["p1", "s1", "p2"], vec!["a1", "s2"], vec!["p3"], vec![]]
+        );
+    }
+    Ok(())
+}
+
+/// ClaimDue at `c`; the tags of the rows claimed, each of which must be in `gids`.
+async fn claim_tags(
+    s: &dyn Store,
+    c: DateTime<Utc>,
+    limit: usize,
+    gids: &std::collections::HashMap<String, &'static str>,
+) -> Result<Vec<&'static str>, Box<dyn std::error::Error>> {
+    let got = match s
+        .write(WriteOp::ClaimDue {
+            now: c,
+            limit,
+            lease_until: c + Duration::seconds(30),
+            owner: "node-o".into(),
+        })
+        .await?
+    {
+        WriteOutcome::Claimed(v) => v,
+        other => panic!("ClaimDue answered {other:?}"),
+    };
+    let tags: Vec<&'static str> = got
+        .iter()
+        .filter_map(|g| gids.get(&g.gid).copied())
+        .collect();
+    assert_eq!(tags.len(), got.len(), "claimed only this check's rows");
+    Ok(tags)
+}
+
 async fn reset_cron_time_counts(s: &dyn Store) -> R {
     let t = now();
     // far beyond every other check's rows
@@ -1408,8 +1484,15 @@ async fn purge_keeps_unfinished(s: &dyn Store) -> R {
 #[derive(Clone, Copy, PartialEq)]
 enum Backend {
     Sqlite,
-    Sql,
+    Postgres,
+    MySql,
     Redis,
+}
+
+impl Backend {
+    fn is_sql(self) -> bool {
+        matches!(self, Backend::Postgres | Backend::MySql)
+    }
 }
 
 /// Empty the script cache of every node named, as a fresh, restarted or failed-over
@@ -1439,6 +1522,8 @@ async fn conformance(s: Arc<dyn Store>, backend: Backend) -> R {
 /// the same-gid ordering checks.
 async fn conformance_with(s: Arc<dyn Store>, backend: Backend, redis: Option<&RedisOptions>) -> R {
     s.ping().await?;
+    // first, while the store holds only the rows a test put there before
+    claims_oldest_first(&*s, backend).await?;
     save_new_roundtrip_and_conflict(&*s).await?;
     update_global_guards(&*s).await?;
     add_branches_guard(&*s).await?;
@@ -1464,7 +1549,7 @@ async fn conformance_with(s: Arc<dyn Store>, backend: Backend, redis: Option<&Re
     save_and_updates_of_one_gid_in_one_batch(Arc::clone(&s)).await?;
     flush().await?;
     add_branches_in_one_batch(Arc::clone(&s)).await?;
-    if backend == Backend::Sql {
+    if backend.is_sql() {
         refused_value_fails_only_its_op(Arc::clone(&s)).await?;
         refused_update_fails_only_its_op(Arc::clone(&s)).await?;
     }
@@ -1542,7 +1627,11 @@ fn namespace() -> String {
 
 async fn sql_conformance(o: SqlOptions) -> R {
     let s = dtm_store::SqlStore::open(&o).await?;
-    let r = conformance(Arc::new(s), Backend::Sql).await;
+    let backend = match o.dialect {
+        Dialect::Postgres => Backend::Postgres,
+        Dialect::MySql => Backend::MySql,
+    };
+    let r = conformance(Arc::new(s), backend).await;
     drop_namespace(&o).await?;
     r
 }
@@ -1871,7 +1960,7 @@ async fn postgres_conformance_without_the_branch_columns() -> R {
         save(&*s, global(&g, "submitted", t), saga_branches(&g, t)).await?;
         let n = branch_rows(&mut db, &o.schema, &g).await?;
         assert_eq!(n, 4, "every branch is a row");
-        conformance(s, Backend::Sql).await?;
+        conformance(s, Backend::Postgres).await?;
         // Another server that may ALTER adds the columns while this one runs: this one
         // reads the branches that server keeps in them, and from then on writes there too.
         let rows_only = dtm_store::SqlStore::open(&limited).await?;

@@ -12,6 +12,7 @@ use crate::branch_list;
 pub(crate) const GLOBAL_COLS: &str = "id, gid, trans_type, status, query_prepared, protocol, create_time, update_time, finish_time, rollback_time, options, custom_data, next_cron_interval, next_cron_time, owner, ext_data, result, rollback_reason";
 const BRANCH_COLS: &str = "id, gid, url, bin_data, branch_id, op, status, finish_time, rollback_time, create_time, update_time";
 const KV_COLS: &str = "id, cat, k, v, version, create_time, update_time";
+// The Postgres claim (ClaimDue) lists the same three statuses as rows of a VALUES list.
 const UNFINISHED: &str = "status IN ('prepared', 'submitted', 'aborting')";
 const FINISHED: &str = "status IN ('succeed', 'failed')";
 
@@ -641,8 +642,13 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
             let limit = (*limit).min(10_000) as i64;
             match d {
                 Dialect::Postgres => {
+                    // The oldest due rows of each unfinished status, read in index order
+                    // (status, next_cron_time), then the oldest of those. One ORDER BY over
+                    // `status IN (...)` instead cannot stop early: under FOR UPDATE it
+                    // sorts every due row, which with 100,000 due spilled to disk and took
+                    // 50 ms a claim.
                     let sql = format!(
-                        "UPDATE trans_global SET owner = ?, next_cron_time = ?, update_time = ? WHERE id IN (SELECT id FROM trans_global WHERE {UNFINISHED} AND next_cron_time <= ? ORDER BY next_cron_time LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING {GLOBAL_COLS}"
+                        "UPDATE trans_global SET owner = ?, next_cron_time = ?, update_time = ? WHERE id IN (SELECT d.id FROM (VALUES ('prepared'), ('submitted'), ('aborting')) AS s (st), LATERAL (SELECT id, next_cron_time FROM trans_global WHERE status = s.st AND next_cron_time <= ? ORDER BY next_cron_time LIMIT ? FOR UPDATE SKIP LOCKED) d ORDER BY d.next_cron_time LIMIT ?) RETURNING {GLOBAL_COLS}"
                     );
                     let rows = c
                         .globals(
@@ -652,6 +658,7 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
                                 time(*lease_until),
                                 time(*now),
                                 time(*now),
+                                Val::Int(limit),
                                 Val::Int(limit),
                             ],
                         )
