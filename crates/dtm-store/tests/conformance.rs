@@ -2003,3 +2003,78 @@ async fn postgres_conformance_without_the_branch_columns() -> R {
     drop_namespace(&o).await?;
     r
 }
+
+/// Recovery keeps claiming while every writer waits: here on rows another session has
+/// locked. A claim queued behind a writer's batch would wait with it.
+#[tokio::test]
+async fn postgres_claims_while_the_writers_wait() -> R {
+    use sqlx_core::executor::Executor;
+    use sqlx_core::sql_str::AssertSqlSafe;
+    let Some(o) = sql_options(Dialect::Postgres, "postgres") else {
+        return Ok(());
+    };
+    let s = Arc::new(dtm_store::SqlStore::open(&o).await?);
+    let r = async {
+        let t = now();
+        // rows the writers will wait on (16 gids: both writers get some)
+        let mut held = vec![];
+        for i in 0..16 {
+            let g = gid(&format!("held{i}"));
+            save(&*s, global(&g, "submitted", t), vec![]).await?;
+            held.push(g);
+        }
+        let due = gid("due");
+        let mut gl = global(&due, "submitted", t);
+        gl.next_cron_time = Some(t - Duration::minutes(1));
+        save(&*s, gl, vec![]).await?;
+
+        let mut db = pg_admin(&o).await?;
+        db.execute(AssertSqlSafe(format!(
+            "BEGIN; SELECT id FROM {}.trans_global WHERE gid LIKE 'held%' FOR UPDATE",
+            o.schema
+        )))
+        .await?;
+        let writes: Vec<_> = held
+            .iter()
+            .map(|g| {
+                let s = Arc::clone(&s);
+                let op = WriteOp::UpdateGlobal {
+                    gid: g.clone(),
+                    expect_status: "submitted".into(),
+                    expect_owner: None,
+                    set: set_status("succeed", t),
+                    branches: vec![],
+                };
+                tokio::spawn(async move { s.write(op).await })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let claimed = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            claim(&*s, t, "node-r", Duration::seconds(30)),
+        )
+        .await
+        .map_err(|_| "the claim waited for the writers")??;
+        assert_eq!(
+            claimed.iter().map(|g| g.gid.as_str()).collect::<Vec<_>>(),
+            [due.as_str()]
+        );
+        assert!(
+            writes.iter().all(|w| !w.is_finished()),
+            "the writes did not wait on the locked rows; the check proves nothing"
+        );
+        db.execute("ROLLBACK").await?;
+        for w in writes {
+            assert_eq!(w.await??, WriteOutcome::Done);
+        }
+        for g in &held {
+            let stored = s.find_global(g).await?.ok_or("gone")?;
+            assert_eq!(stored.status, "succeed");
+        }
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    s.close().await;
+    drop_namespace(&o).await?;
+    r
+}

@@ -5,9 +5,9 @@
 //!
 //! A group holds ops on distinct gids only (the batch runner starts a new group when a
 //! gid comes again, and runs other op kinds on their own: those of one gid before the
-//! group unless it holds that gid, kv ops at once, claims and resets after it), so its
-//! ops are independent and the order inside a group does not matter; each op keeps its
-//! own result.
+//! group unless it holds that gid, kv ops at once; claims and resets, which the store
+//! runs outside the writers, would come after it), so its ops are independent and the
+//! order inside a group does not matter; each op keeps its own result.
 //!
 //! - **Postgres**: arrays bound as one parameter each, `UNNEST`ed, so the statement has
 //!   one text (one prepared statement) whatever the number of rows, and a whole group is

@@ -19,8 +19,10 @@
 //!   [`MAX_BATCH`]) and applies them in one database transaction, committed once; then
 //!   each waiter gets its own result. Two writers run side by side on their own
 //!   connections (one executes while the other commits); writes are routed to them by
-//!   gid (kv writes by key, bulk ops to the first), so the writes of one transaction keep
-//!   their order and two writers never wait for each other's rows of one transaction.
+//!   gid (kv writes by key), so the writes of one transaction keep their order and two
+//!   writers never wait for each other's rows of one transaction. Recovery's claims and
+//!   cron resets run beside the writers, each in its own transaction
+//!   (`SqlStore::run_alone`), so their scans never hold up a batch.
 //! - **Grouped statements**: the inserts and guarded updates of a batch (`SaveNew`,
 //!   `UpdateGlobal`) run as a few multi-row statements per batch, not two or three per op
 //!   (`batch.rs`); a gid that comes again in the batch starts the next group, and other
@@ -272,6 +274,60 @@ impl SqlStore {
         })
     }
 
+    /// Recovery's claims and cron resets, each in its own transaction on a pooled
+    /// connection, not in a writer's batch. They read many rows and can take tens of
+    /// milliseconds (on Postgres a claim also walks the index entries that updates since
+    /// the last vacuum left behind); in a batch they held up every change queued behind
+    /// them. They need no order with the writers' changes: another server claims at any
+    /// moment too, and rows a writer holds are skipped (`SKIP LOCKED`).
+    async fn run_alone(&self, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+        let what = match op {
+            WriteOp::ClaimDue { .. } => "claim due transactions",
+            _ => "reset the next retry times",
+        };
+        if self.writers.lock().map(|w| w.is_empty()).unwrap_or(true) {
+            return Err(StoreError::Unavailable(format!(
+                "{}: the store is shutting down",
+                self.desc
+            )));
+        }
+        let mut retries = 0;
+        loop {
+            let mut tx = self.engine.begin().await.map_err(|e| self.fail(what, e))?;
+            let err = match self.apply_alone(&mut *tx, op).await {
+                Ok(out) => match tx.commit().await {
+                    Ok(()) => return Ok(out),
+                    Err(e) => e,
+                },
+                Err(OpError::Logical(e)) => {
+                    let _ = tx.rollback().await;
+                    return Err(e);
+                }
+                Err(OpError::Db(e)) => {
+                    let _ = tx.rollback().await;
+                    e
+                }
+            };
+            if self.engine.classify(&err) == ErrClass::Retry && retries < RETRIES {
+                retries += 1;
+                let ms = rand::rng().random_range(5..50u64);
+                tracing::debug!("{}: {err}; trying again", self.desc);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                continue;
+            }
+            return Err(self.fail(what, err));
+        }
+    }
+
+    async fn apply_alone(&self, tx: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome, OpError> {
+        if self.engine.dialect() == Dialect::Postgres {
+            // an index scan is right at every table size; a plan made while the table is
+            // small must not keep a sequential scan (as on the writers' connections)
+            tx.exec("SET LOCAL enable_seqscan = off", &[]).await?;
+        }
+        ops::apply(tx, op).await
+    }
+
     fn fail(&self, what: &str, e: DbError) -> StoreError {
         self.errs.store(self.engine.classify(&e), what, &e)
     }
@@ -350,6 +406,7 @@ fn shard(op: &WriteOp, n: usize) -> Option<usize> {
         WriteOp::CreateKv { cat, k, .. }
         | WriteOp::UpdateKv { cat, k, .. }
         | WriteOp::DeleteKv { cat, k } => (cat, k).hash(&mut h),
+        // not sent to a writer (`SqlStore::run_alone`)
         WriteOp::ClaimDue { .. } | WriteOp::ResetCronTime { .. } => return Some(0),
     }
     Some((h.finish() % n as u64) as usize)
@@ -643,6 +700,9 @@ impl Store for SqlStore {
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+        if matches!(op, WriteOp::ClaimDue { .. } | WriteOp::ResetCronTime { .. }) {
+            return self.run_alone(&op).await;
+        }
         let (reply, rx) = oneshot::channel();
         let sender = self.writers.lock().ok().and_then(|w| {
             let i = shard(&op, w.len())?;
