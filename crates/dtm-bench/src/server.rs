@@ -230,6 +230,9 @@ fn drop_sql_db(store: &str, db: &str) {
     }
 }
 
+/// What the server logs each time it fails to open its store and tries again.
+const STORE_RETRY: &str = "cannot open the store";
+
 /// Wait until `GET {base}/api/ping` answers 200.
 async fn wait_ping(
     http: &reqwest::Client,
@@ -252,6 +255,18 @@ async fn wait_ping(
             bail!(
                 "the server exited during start ({st}); its log:\n{}",
                 log.map(log_tail).unwrap_or_default()
+            );
+        }
+        // it keeps retrying a store it cannot open (a database that starts after it);
+        // for a benchmark three failed tries say the store is not there
+        if let Some(l) = log
+            && std::fs::read_to_string(l)
+                .map(|s| s.matches(STORE_RETRY).count() >= 3)
+                .unwrap_or(false)
+        {
+            bail!(
+                "the server cannot open its store (is the database running, and are STORE_HOST, STORE_PORT, STORE_USER and STORE_PASSWORD right?); its log:\n{}",
+                log_tail(l)
             );
         }
         if Instant::now() > deadline {
@@ -373,7 +388,12 @@ impl ServerUnderTest {
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
+                    // only a port taken meanwhile is worth another try
+                    let port_taken = e.to_string().contains("cannot listen on");
                     last_err = Some(e);
+                    if !port_taken {
+                        break;
+                    }
                 }
             }
         }

@@ -97,3 +97,32 @@ fn one_slice_keeps_the_old_order() {
     assert!(v.get("slice_ratios").is_none(), "{last}");
     assert_eq!(v["ok"], true, "{last}");
 }
+
+/// A store that cannot be reached ends the run after the server's third try to open it,
+/// with a message that says so, instead of three starts of a server that keeps retrying
+/// (a minute each, then only "did not answer /api/ping").
+#[test]
+fn unreachable_store_fails_fast_and_says_why() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dtm-bench"))
+        .args([
+            "--store",
+            "postgres",
+            "--seconds",
+            "1",
+            "--no-baseline",
+            "--dtm",
+        ])
+        .arg(dtm_bin())
+        // nothing listens on port 1
+        .env("STORE_HOST", "127.0.0.1")
+        .env("STORE_PORT", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("running dtm-bench: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the server cannot open its store")
+            && stderr.contains("cannot connect to database"),
+        "{stderr}"
+    );
+}
