@@ -230,8 +230,9 @@ fn drop_sql_db(store: &str, db: &str) {
     }
 }
 
-/// What the server logs each time it fails to open its store and tries again.
-const STORE_RETRY: &str = "cannot open the store";
+/// What the server logs each time it fails to open its store, or to reach it once
+/// open, and tries again.
+const STORE_RETRY: [&str; 2] = ["cannot open the store", " not ready: "];
 
 /// Wait until `GET {base}/api/ping` answers 200.
 async fn wait_ping(
@@ -261,11 +262,17 @@ async fn wait_ping(
         // for a benchmark three failed tries say the store is not there
         if let Some(l) = log
             && std::fs::read_to_string(l)
-                .map(|s| s.matches(STORE_RETRY).count() >= 3)
+                .map(|s| {
+                    STORE_RETRY
+                        .iter()
+                        .map(|m| s.matches(m).count())
+                        .sum::<usize>()
+                        >= 3
+                })
                 .unwrap_or(false)
         {
             bail!(
-                "the server cannot open its store (is the database running, and are STORE_HOST, STORE_PORT, STORE_USER and STORE_PASSWORD right?); its log:\n{}",
+                "the server cannot reach its store (is the database running, and are STORE_HOST, STORE_PORT, STORE_USER and STORE_PASSWORD right?); its log:\n{}",
                 log_tail(l)
             );
         }

@@ -121,8 +121,30 @@ fn unreachable_store_fails_fast_and_says_why() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("the server cannot open its store")
+        stderr.contains("the server cannot reach its store")
             && stderr.contains("cannot connect to database"),
+        "{stderr}"
+    );
+    // Redis is opened without a connection; the server then waits for its first ping
+    let out = Command::new(env!("CARGO_BIN_EXE_dtm-bench"))
+        .args([
+            "--store",
+            "redis",
+            "--seconds",
+            "1",
+            "--no-baseline",
+            "--dtm",
+        ])
+        .arg(dtm_bin())
+        .env("STORE_HOST", "127.0.0.1")
+        .env("STORE_PORT", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("running dtm-bench: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the server cannot reach its store")
+            && stderr.contains("cannot reach Redis at 127.0.0.1:1"),
         "{stderr}"
     );
 }
