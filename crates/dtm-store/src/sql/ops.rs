@@ -560,6 +560,18 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
                 .and_then(|b| b.update_time.or(b.create_time))
                 .unwrap_or_else(Utc::now);
             if c.branch_column() {
+                // Saved without branches (tcc, xa, workflow: the usual case), it has no
+                // list a new branch could repeat, and the guarded update alone decides.
+                let n = c
+                    .exec(
+                        "UPDATE trans_global SET update_time = ? WHERE gid = ? AND status = ? AND octet_length(COALESCE(branches, ''::bytea)) <= 1",
+                        &[time(now), Val::Str(gid), Val::Str(expect_status)],
+                    )
+                    .await?;
+                if n == 1 {
+                    insert_branches(c, branches).await?;
+                    return Ok(WriteOutcome::Done);
+                }
                 // the branches it was saved with are not rows: no unique key sees them
                 let saved = c
                     .branch_list(
