@@ -559,24 +559,25 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
                 .first()
                 .and_then(|b| b.update_time.or(b.create_time))
                 .unwrap_or_else(Utc::now);
-            if c.branch_column() {
-                // Saved without branches (tcc, xa, workflow: the usual case), it has no
-                // list a new branch could repeat, and the guarded update alone decides.
-                let n = c
-                    .exec(
-                        "UPDATE trans_global SET update_time = ? WHERE gid = ? AND status = ? AND octet_length(COALESCE(branches, ''::bytea)) <= 1",
-                        &[time(now), Val::Str(gid), Val::Str(expect_status)],
-                    )
-                    .await?;
-                if n == 1 {
-                    insert_branches(c, branches).await?;
-                    return Ok(WriteOutcome::Done);
+            let touch = |unlisted: bool| {
+                let mut sql = String::from(
+                    "UPDATE trans_global SET update_time = ? WHERE gid = ? AND status = ?",
+                );
+                if unlisted {
+                    sql.push_str(" AND octet_length(COALESCE(branches, ''::bytea)) <= 1");
                 }
+                sql
+            };
+            let args = [time(now), Val::Str(gid), Val::Str(expect_status)];
+            // Saved without branches (tcc, xa, workflow: the usual case), it has no list a
+            // new branch could repeat, and the guarded update alone decides.
+            let touched = c.branch_column() && c.exec(&touch(true), &args).await? == 1;
+            if !touched && c.branch_column() {
                 // the branches it was saved with are not rows: no unique key sees them
                 let saved = c
                     .branch_list(
                         "SELECT branches, branch_states FROM trans_global WHERE gid = ? AND status = ? FOR UPDATE",
-                        &[Val::Str(gid), Val::Str(expect_status)],
+                        &args[1..],
                     )
                     .await?;
                 let Some((list, _)) = saved else {
@@ -592,13 +593,7 @@ pub(crate) async fn apply(c: &mut dyn Exec, op: &WriteOp) -> Result<WriteOutcome
                     return Err(OpError::Logical(UniqueConflict));
                 }
             }
-            let n = c
-                .exec(
-                    "UPDATE trans_global SET update_time = ? WHERE gid = ? AND status = ?",
-                    &[time(now), Val::Str(gid), Val::Str(expect_status)],
-                )
-                .await?;
-            if n == 0 {
+            if !touched && c.exec(&touch(false), &args).await? == 0 {
                 return Err(OpError::Logical(NotFound));
             }
             insert_branches(c, branches).await?;
