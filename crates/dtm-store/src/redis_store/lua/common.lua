@@ -19,26 +19,20 @@ local function is_final(status)
   return status == 'succeed' or status == 'failed'
 end
 
--- `cmd key item...` over a long list, in chunks (unpack has a stack limit).
-local function bulk(cmd, key, list)
-  for i = 1, #list, 1000 do
-    redis.call(cmd, key, unpack(list, i, math.min(i + 999, #list)))
-  end
-end
-
--- `cmd key [k v] ARGV[from..to]`, in chunks of 1000 (unpack has a stack limit; chunks of
--- an even size keep field/value pairs whole); the optional pair `k v` goes first, in the
--- first chunk.
-local function range(cmd, key, from, to, k, v)
-  local i = from
+-- `cmd key [k v] list[from..to]` (the whole list by default), in chunks of 1000 (unpack
+-- has a stack limit; chunks of an even size keep field/value pairs whole); the optional
+-- pair `k v` goes first, in the first chunk.
+local function bulk(cmd, key, list, from, to, k, v)
+  local i = from or 1
+  to = to or #list
   if k then
-    local last = math.min(from + 999, to)
-    redis.call(cmd, key, k, v, unpack(ARGV, from, last))
+    local last = math.min(i + 999, to)
+    redis.call(cmd, key, k, v, unpack(list, i, last))
     i = last + 1
   end
   while i <= to do
     local last = math.min(i + 999, to)
-    redis.call(cmd, key, unpack(ARGV, i, last))
+    redis.call(cmd, key, unpack(list, i, last))
     i = last + 1
   end
 end

@@ -9,13 +9,13 @@ local gid = ARGV[1]
 local n = tonumber(ARGV[7])
 -- ids are unique across shards (at most 1024 of them)
 local id = string.format('%d', redis.call('INCR', KEYS[5]) * 1024 + tonumber(ARGV[2]))
-range('HSET', KEYS[1], 8 + n, #ARGV, 'id', id)
+bulk('HSET', KEYS[1], ARGV, 8 + n, #ARGV, 'id', id)
 -- A gid already in the index had a transaction before (now expired): drop what is left
 -- of its branch list. A branch list never exists without an index entry (the sweep
 -- deletes them together), so a new gid needs no such check.
 if redis.call('ZADD', KEYS[4], ARGV[3], gid) == 0 then
   redis.call('DEL', KEYS[2])
 end
-range('RPUSH', KEYS[2], 8, 7 + n)
+bulk('RPUSH', KEYS[2], ARGV, 8, 7 + n)
 settle(gid, ARGV[4], ARGV[5], ARGV[6])
 return 'OK'

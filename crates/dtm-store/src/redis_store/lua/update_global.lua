@@ -22,7 +22,7 @@ for i = 1, n do
   end
 end
 if all then
-  range('HSET', KEYS[1], 9, #ARGV)
+  bulk('HSET', KEYS[1], ARGV, 9)
 else
   local fields = {}
   for i = 1, n do
